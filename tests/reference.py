@@ -1,0 +1,139 @@
+"""Slow, literal float64 NumPy readings of the papers' algorithms.
+
+These are the oracles of the tests: loops over tasks, Gram-Schmidt exactly as
+written in the papers, no cleverness. Tolerance conventions (how a direction
+counts as numerically absent) are the ones documented in the package.
+"""
+
+import itertools
+
+import numpy as np
+
+
+def min_norm_point_weights(gram: np.ndarray) -> np.ndarray:
+  """MGDA weights by enumerating supports (exact; small T only).
+
+  For every support S, solve the KKT system of min w^T K w on the simplex
+  restricted to S and keep the feasible solution satisfying the optimality
+  conditions with the smallest objective.
+  """
+  num_tasks = gram.shape[0]
+  if num_tasks > 10:
+    raise ValueError("exhaustive min-norm reference is for T <= 10")
+  scale = np.max(np.diag(gram))
+  if scale == 0:
+    return np.full(num_tasks, 1.0 / num_tasks)
+  k = gram / scale
+  best, best_value = None, np.inf
+  for size in range(1, num_tasks + 1):
+    for support in itertools.combinations(range(num_tasks), size):
+      s = list(support)
+      system = np.zeros((size + 1, size + 1))
+      system[:size, :size] = k[np.ix_(s, s)]
+      system[:size, size] = 1.0
+      system[size, :size] = 1.0
+      rhs = np.zeros(size + 1)
+      rhs[size] = 1.0
+      solution = np.linalg.lstsq(system, rhs, rcond=None)[0]
+      w = np.zeros(num_tasks)
+      w[s] = solution[:size]
+      if np.any(w < -1e-12) or abs(w.sum() - 1) > 1e-9:
+        continue
+      w = np.clip(w, 0, None)
+      w /= w.sum()
+      value = w @ k @ w
+      if value < best_value - 1e-15:
+        best, best_value = w, value
+  return best
+
+
+def gram_schmidt_basis(vectors: list, rank_rtol: float) -> list:
+  """Eq. 1 of GradOPS: u_j = g_j - sum_{k<j} proj_{u_k}(g_j).
+
+  A u_j shorter than rank_rtol * ||g_j|| (g_j already in the span, up to
+  rounding) is dropped, since proj_{u_j} would divide by ~0.
+  """
+  basis = []
+  for g in vectors:
+    norm = np.linalg.norm(g)
+    if norm == 0:
+      continue
+    u = g.copy()
+    for b in basis:
+      u = u - (b @ g) / (b @ b) * b
+    # Literal Eq. 1 is classical Gram-Schmidt; one re-orthogonalisation pass
+    # keeps the float64 oracle exact on the near-collinear inputs of the tests.
+    for b in basis:
+      u = u - (b @ u) / (b @ b) * b
+    if np.linalg.norm(u) <= rank_rtol * norm:
+      continue
+    basis.append(u)
+  return basis
+
+
+def gradops_reference(
+    grads: np.ndarray, alpha: float, rank_rtol: float
+) -> tuple[np.ndarray, dict]:
+  """Algorithm 1 of GradOPS (Zhu et al., WSDM 2025), literally, in float64.
+
+  Args:
+    grads: (T, D) task gradients.
+    alpha: exponent of Eq. 5.
+    rank_rtol: relative length below which a vector counts as zero.
+
+  Returns:
+    The update direction (D,) and a dict with the projected gradients g',
+    the weights w, which tasks were projected and whether MGDA was used.
+  """
+  g = np.asarray(grads, np.float64)
+  num_tasks = g.shape[0]
+  norms = np.linalg.norm(g, axis=1)
+  projected_grads, projected = [], []
+  for i in range(num_tasks):
+    conflict = any(g[i] @ g[k] < 0 for k in range(num_tasks) if k != i)
+    if norms[i] == 0 or not conflict:  # lines 7-8
+      projected_grads.append(g[i].copy())
+      projected.append(False)
+      continue
+    basis = gram_schmidt_basis([g[j] for j in range(num_tasks) if j != i], rank_rtol)
+    g_prime = g[i] - sum(((u @ g[i]) / (u @ u) * u for u in basis), np.zeros_like(g[i]))
+    if np.linalg.norm(g_prime) <= rank_rtol * norms[i]:
+      g_prime = np.zeros_like(g_prime)
+    projected_grads.append(g_prime)
+    projected.append(True)
+  projected_grads = np.stack(projected_grads)
+  info = {"projected_grads": projected_grads, "projected": np.array(projected)}
+  if not np.any(projected_grads != 0):  # line 16: MGDA
+    w = min_norm_point_weights(g @ g.T)
+    info.update(weights=w, used_fallback=True)
+    return w @ g, info
+  total = projected_grads.sum(axis=0)  # G' (line 12)
+  scores = np.array([
+      total @ g[i] / norms[i] if norms[i] > 0 else 0.0 for i in range(num_tasks)
+  ])  # Eq. 3
+  scores[scores <= rank_rtol * scores.max()] = 0.0
+  r = scores / scores.mean()  # Eq. 4
+  if alpha == 0:
+    powered = np.ones(num_tasks)
+  else:
+    with np.errstate(divide="ignore"):
+      powered = np.where(r > 0, np.abs(r) ** alpha, 0.0)
+  w = powered / powered.mean()  # Eq. 5
+  info.update(weights=w, used_fallback=False)
+  return w @ projected_grads, info
+
+
+def pcgrad_reference(grads: np.ndarray, order: list) -> np.ndarray:
+  """PCGrad (Yu et al., 2020), Algorithm 1, with a given order of the others."""
+  g = np.asarray(grads, np.float64)
+  out = []
+  for i in range(g.shape[0]):
+    gi = g[i].copy()
+    for j in order:
+      if j == i:
+        continue
+      dot = gi @ g[j]
+      if dot < 0:
+        gi = gi - dot / (g[j] @ g[j]) * g[j]
+    out.append(gi)
+  return np.sum(out, axis=0)

@@ -1,0 +1,43 @@
+"""The Gram-matrix reduction: exactness, and why float64 accumulation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradops_jax import gram as gram_lib
+from tests import cases
+
+
+def _projection_error(gram, grads):
+  """Relative error of g'_3 (projection of task 3 off span{g1, g2}) from a Gram."""
+  coefficients = np.linalg.solve(gram[:2, :2], gram[:2, 2])
+  exact_basis, _ = np.linalg.qr(grads[:2].T)
+  exact = grads[2] - exact_basis @ (exact_basis.T @ grads[2])
+  approx = grads[2] - coefficients @ grads[:2]
+  return np.linalg.norm(approx - exact) / np.linalg.norm(grads[2])
+
+
+def test_gram_is_exact_for_float32_inputs():
+  matrix = cases.hard_cases()["mixed_scales_1e-20_1e20"]
+  tree = {"a": jnp.asarray(matrix[:, :40].reshape(4, 5, 8)), "b": jnp.asarray(matrix[:, 40:])}
+  with jax.enable_x64(True):
+    gram = np.asarray(jax.jit(gram_lib.task_gram, static_argnums=1)(tree, 4))
+  exact = matrix.astype(np.float64) @ matrix.astype(np.float64).T
+  np.testing.assert_allclose(gram, exact, rtol=1e-13)
+
+
+def test_float64_gram_is_accurate_where_float32_gram_and_qr_are_not():
+  """Two tasks at cosine 1 - 1e-6, a third projected off their span."""
+  grads32 = cases._near_collinear(np.random.default_rng(0), 100_000).astype(np.float32)
+  grads = grads32.astype(np.float64)
+  with jax.enable_x64(True):
+    gram64 = np.asarray(gram_lib.task_gram({"g": jnp.asarray(grads32)}, 3))
+  gram32 = np.asarray(
+      jnp.matmul(jnp.asarray(grads32), jnp.asarray(grads32).T, precision="highest"), np.float64
+  )
+  r_factor = np.asarray(jnp.linalg.qr(jnp.asarray(grads32).T, mode="r"), np.float64)
+  error64 = _projection_error(gram64, grads)
+  error32 = _projection_error(gram32, grads)
+  error_qr = _projection_error(r_factor.T @ r_factor, grads)
+  assert error64 < 1e-8
+  assert error_qr > 100 * error64 and error32 > 100 * error64
