@@ -5,6 +5,12 @@ from gradops_jax.gradops import GradOPSState
 from gradops_jax.gradops import gradops
 from gradops_jax.gradops import gradops_solve
 from gradops_jax.gradops import scale_by_gradops
+from gradops_jax.methods.imtl_g import scale_by_imtl_g
+from gradops_jax.methods.linear_scalarization import scale_by_linear_scalarization
+from gradops_jax.methods.mgda import scale_by_mgda
+from gradops_jax.methods.pcgrad import PCGradState
+from gradops_jax.methods.pcgrad import scale_by_pcgrad
+from gradops_jax.methods.upgrad import scale_by_upgrad
 from gradops_jax.solvers import min_norm_simplex_weights
 from gradops_jax.solvers import project_onto_simplex
 from gradops_jax.task_gradients import value_and_task_grads
@@ -14,10 +20,16 @@ __version__ = "0.1.0"
 __all__ = (
     "GradOPSSolution",
     "GradOPSState",
+    "PCGradState",
     "gradops",
     "gradops_solve",
     "min_norm_simplex_weights",
     "project_onto_simplex",
     "scale_by_gradops",
+    "scale_by_imtl_g",
+    "scale_by_linear_scalarization",
+    "scale_by_mgda",
+    "scale_by_pcgrad",
+    "scale_by_upgrad",
     "value_and_task_grads",
 )

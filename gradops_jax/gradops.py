@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import optax
 
 from gradops_jax import _validate
+from gradops_jax import aggregation
 from gradops_jax import gram as gram_lib
 from gradops_jax import solvers
 
@@ -204,11 +205,8 @@ def gradops_solve(
   num_tasks = gram.shape[0]
   if rank_rtol is None:
     rank_rtol = default_rank_rtol(num_tasks, gram.dtype)
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+  norms, inverse_norms, cosine = gram_lib.cosine_from_gram(gram)
   active = norms > 0
-  inverse_norms = jnp.where(active, 1.0 / jnp.where(active, norms, 1.0), 0.0)
-  cosine = jnp.clip(gram * inverse_norms[:, None] * inverse_norms[None, :], -1.0, 1.0)
-  cosine = jnp.where(jnp.eye(num_tasks, dtype=bool), active.astype(gram.dtype), cosine)
   off_diagonal = ~jnp.eye(num_tasks, dtype=bool)
   conflicting = jnp.any((gram < 0) & off_diagonal, axis=1)
 
@@ -239,11 +237,6 @@ def gradops_solve(
       cosine=cosine,
       used_fallback=used_fallback,
   )
-
-
-def _least_precise_dtype(tree: Any):
-  dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)]
-  return max(dtypes, key=lambda dtype: jnp.finfo(dtype).eps, default=jnp.float32)
 
 
 def scale_by_gradops(
@@ -294,13 +287,11 @@ def scale_by_gradops(
     Subspaces For Multi-task Learning <https://arxiv.org/abs/2503.03438>`_,
     WSDM 2025, Algorithm 1.
   """
-  num_tasks = _validate.check_num_tasks(num_tasks)
   _validate.check_finite_hyperparameter("alpha", alpha)
   if rank_rtol is not None and not 0 <= rank_rtol < 1:
     raise ValueError(f"rank_rtol must be in [0, 1), got {rank_rtol!r}.")
 
-  def init_fn(params):
-    _validate.check_params(params)
+  def init_state():
     return GradOPSState(
         weights=jnp.ones((num_tasks,), jnp.float32),
         projected=jnp.zeros((num_tasks,), bool),
@@ -309,26 +300,20 @@ def scale_by_gradops(
         fallback_count=jnp.zeros((), jnp.int32),
     )
 
-  def update_fn(task_grads, state, params=None):
-    _validate.check_task_grads(task_grads, num_tasks, params)
+  def solve(gram, state, input_dtype):
     tolerance = rank_rtol
     if tolerance is None:
-      tolerance = default_rank_rtol(num_tasks, _least_precise_dtype(task_grads))
-    with jax.enable_x64(True):
-      gram = gram_lib.task_gram(task_grads, num_tasks)
-      solution = gradops_solve(gram, alpha, tolerance)
-      updates = gram_lib.combine(task_grads, solution.coefficients)
-      new_state = GradOPSState(
-          weights=solution.weights.astype(jnp.float32),
-          projected=solution.projected,
-          cosine=solution.cosine.astype(jnp.float32),
-          used_fallback=solution.used_fallback,
-          fallback_count=state.fallback_count
-          + solution.used_fallback.astype(jnp.int32),
-      )
-    return updates, new_state
+      tolerance = default_rank_rtol(num_tasks, input_dtype)
+    solution = gradops_solve(gram, alpha, tolerance)
+    return solution.coefficients, GradOPSState(
+        weights=solution.weights,
+        projected=solution.projected,
+        cosine=solution.cosine,
+        used_fallback=solution.used_fallback,
+        fallback_count=state.fallback_count + solution.used_fallback.astype(jnp.int32),
+    )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return aggregation.gram_aggregator(num_tasks, init_state, solve)
 
 
 def gradops(

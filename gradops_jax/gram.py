@@ -106,3 +106,30 @@ def combine(task_grads: Any, coefficients: jax.Array) -> Any:
     return jnp.sum(terms, axis=0).astype(leaf.dtype)
 
   return jax.tree.map(combine_leaf, task_grads)
+
+
+def cosine_from_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""Norms and cosine matrix of the task gradients from their Gram matrix.
+
+  .. math::
+
+    n_i = \sqrt{K_{ii}}, \qquad C_{ij} = \frac{K_{ij}}{n_i n_j}
+
+  Solving in cosine space makes the methods invariant to the scale of each
+  task and keeps scales from 1e-20 to 1e20 in range. Zero gradients get
+  :math:`n_i = 0`, a zero row and column in :math:`C`, and a zero diagonal.
+
+  Args:
+    gram: ``(T, T)`` Gram matrix.
+
+  Returns:
+    ``(norms, inverse_norms, cosine)``, with ``inverse_norms`` zero where the
+    norm is zero.
+  """
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+  active = norms > 0
+  inverse_norms = jnp.where(active, 1.0 / jnp.where(active, norms, 1.0), 0.0)
+  cosine = jnp.clip(gram * inverse_norms[:, None] * inverse_norms[None, :], -1.0, 1.0)
+  identity = jnp.eye(gram.shape[0], dtype=bool)
+  cosine = jnp.where(identity, active.astype(gram.dtype), cosine)
+  return norms, inverse_norms, cosine

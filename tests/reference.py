@@ -137,3 +137,50 @@ def pcgrad_reference(grads: np.ndarray, order: list) -> np.ndarray:
         gi = gi - dot / (g[j] @ g[j]) * g[j]
     out.append(gi)
   return np.sum(out, axis=0)
+
+
+def upgrad_reference(grads: np.ndarray) -> np.ndarray:
+  """UPGrad (Quinton and Rey, 2024): mean of the projections of each g_i onto
+  the dual cone {x : G x >= 0}, each projection found in the primal by
+  enumerating the sets of active constraints (small T only)."""
+  g = np.asarray(grads, np.float64)
+  num_tasks = g.shape[0]
+  norms = np.linalg.norm(g, axis=1, keepdims=True)
+  # The cone is unchanged by positive scaling of its constraints: use unit rows.
+  unit = np.where(norms > 0, g / np.where(norms > 0, norms, 1.0), 0.0)
+  scale = max(norms.max(), 1e-300)
+  projections = []
+  for i in range(num_tasks):
+    best, best_distance = None, np.inf
+    for size in range(0, num_tasks + 1):
+      for active in itertools.combinations(range(num_tasks), size):
+        a = unit[list(active)]
+        # Projection onto {x : a x = 0}; the true projection onto the cone is
+        # the closest feasible one among these candidates.
+        x = g[i] - a.T @ np.linalg.lstsq(a @ a.T, a @ g[i], rcond=None)[0] if size else g[i]
+        # Feasibility of the projected point, then keep the closest feasible.
+        if np.all(unit @ x >= -1e-9 * np.linalg.norm(g[i])):
+          distance = np.linalg.norm(x - g[i])
+          if distance < best_distance - 1e-14 * scale:
+            best, best_distance = x, distance
+    projections.append(best)
+  return np.mean(projections, axis=0)
+
+
+def imtl_g_reference(grads: np.ndarray) -> tuple[np.ndarray, float]:
+  """IMTL-G (Liu et al., ICLR 2021), Sec. 3.2 closed form, non-zero gradients:
+  alpha_{2:T} = g_1 U^T (D U^T)^{-1}, alpha_1 = 1 - sum alpha_{2:T}.
+
+  Returns the update and the condition number of D U^T (the closed form is
+  only defined, and only a trustworthy oracle, when it is moderate).
+  """
+  g = np.asarray(grads, np.float64)
+  if g.shape[0] == 1:
+    return g[0], 1.0
+  u = g / np.linalg.norm(g, axis=1, keepdims=True)
+  d = g[0] - g[1:]
+  uu = u[0] - u[1:]
+  system = d @ uu.T
+  alpha_rest = np.linalg.lstsq(system.T, uu @ g[0], rcond=None)[0]
+  alpha = np.concatenate([[1 - alpha_rest.sum()], alpha_rest])
+  return alpha @ g, np.linalg.cond(system)

@@ -1,0 +1,1 @@
+"""Aggregation methods other than GradOPS, all behind the same interface."""

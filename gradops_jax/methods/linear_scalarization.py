@@ -1,0 +1,60 @@
+r"""Linear scalarisation: a fixed weighted sum of the task gradients."""
+
+from typing import Optional, Sequence
+
+import jax.numpy as jnp
+import optax
+
+from gradops_jax import _validate
+from gradops_jax import gram as gram_lib
+
+
+def scale_by_linear_scalarization(
+    num_tasks: int, weights: Optional[Sequence[float]] = None
+) -> optax.GradientTransformation:
+  r"""Aggregates stacked per-task gradients with fixed weights.
+
+  .. math::
+
+    d = \sum_i w_i g_i, \qquad w = (1/T, \dots, 1/T) \text{ by default,}
+
+  the gradient of :math:`\sum_i w_i L_i`: the baseline every deconfliction
+  method is compared with ("uniform scaling" in the GradOPS paper's tables).
+  It needs no Gram matrix and reads the gradients once.
+
+  Args:
+    num_tasks: T.
+    weights: ``(T,)`` fixed task weights; the mean by default.
+
+  Returns:
+    An :class:`optax.GradientTransformation` with an :class:`optax.EmptyState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gradops_jax.methods.linear_scalarization import scale_by_linear_scalarization
+    >>> tx = scale_by_linear_scalarization(2)
+    >>> g = {'w': jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+    >>> tx.update(g, tx.init({'w': jnp.zeros(2)}))[0]['w'].tolist()
+    [0.5, 0.5]
+
+  References:
+    Xin et al., `Do Current Multi-Task Optimization Methods in Deep Learning
+    Even Help? <https://arxiv.org/abs/2209.11379>`_, NeurIPS 2022.
+  """
+  num_tasks = _validate.check_num_tasks(num_tasks)
+  if weights is None:
+    weights = jnp.full((num_tasks,), 1.0 / num_tasks)
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.shape != (num_tasks,):
+    raise ValueError(f"weights must have shape ({num_tasks},), got {weights.shape}.")
+  _validate.check_finite_hyperparameter("weights", weights)
+
+  def init_fn(params):
+    _validate.check_params(params)
+    return optax.EmptyState()
+
+  def update_fn(task_grads, state, params=None):
+    _validate.check_task_grads(task_grads, num_tasks, params)
+    return gram_lib.combine(task_grads, weights), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,122 @@
+"""The other aggregation methods against float64 readings of their papers."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradops_jax
+from tests import cases as cases_lib
+from tests import reference
+
+CASES = cases_lib.hard_cases()
+SMALL = sorted(name for name, g in CASES.items() if g.shape[0] <= 8)
+
+
+def _apply(tx, matrix):
+  tree = {"w": jnp.asarray(matrix)}
+  params = {"w": jnp.zeros(matrix.shape[1:], matrix.dtype)}
+  updates, state = jax.jit(tx.update)(tree, tx.init(params), params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+  chex.assert_tree_all_finite(updates)
+  return np.asarray(updates["w"], np.float64), state
+
+
+def _assert_close(update, expected, grads, coefficients, rtol=1e-5):
+  scale = np.sum(np.abs(coefficients) * np.linalg.norm(grads, axis=1))
+  np.testing.assert_allclose(update, expected, rtol=0, atol=rtol * max(scale, 1e-300))
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_mgda_matches_exhaustive_min_norm(name):
+  grads = CASES[name].astype(np.float64)
+  update, state = _apply(gradops_jax.scale_by_mgda(grads.shape[0]), CASES[name])
+  weights = reference.min_norm_point_weights(grads @ grads.T)
+  _assert_close(update, weights @ grads, grads, np.ones(grads.shape[0]))
+  # Optimality (KKT) of the returned weights: d . g_j >= ||d||^2 for all j.
+  w = np.asarray(state.weights, np.float64)
+  d = w @ grads
+  assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-6
+  norms = np.linalg.norm(grads, axis=1)
+  assert np.all(grads @ d >= d @ d - 1e-6 * norms.max() ** 2)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_upgrad_matches_dual_cone_projections(name):
+  grads = CASES[name].astype(np.float64)
+  update, state = _apply(gradops_jax.scale_by_upgrad(grads.shape[0]), CASES[name])
+  expected = reference.upgrad_reference(grads)
+  _assert_close(update, expected, grads, np.asarray(state.weights, np.float64) + 1.0 / len(grads))
+  # The guarantee: the update conflicts with no task.
+  norms = np.linalg.norm(grads, axis=1)
+  assert np.all(grads @ update >= -1e-5 * norms * np.linalg.norm(grads, axis=1).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", SMALL)
+def test_pcgrad_matches_reference_with_same_order(name, seed):
+  grads = CASES[name].astype(np.float64)
+  num_tasks = grads.shape[0]
+  update, state = _apply(gradops_jax.scale_by_pcgrad(num_tasks, seed=seed), CASES[name])
+  _, order_key = jax.random.split(jax.random.key(seed))
+  order = list(np.asarray(jax.random.permutation(order_key, num_tasks)))
+  expected = reference.pcgrad_reference(grads, order)
+  _assert_close(update, expected, grads, np.asarray(state.weights, np.float64) + 1.0)
+
+
+def test_pcgrad_key_advances_and_two_tasks_equal_gradops():
+  matrix = CASES["conflicting_T2"]
+  tx = gradops_jax.scale_by_pcgrad(2)
+  params = {"w": jnp.zeros(matrix.shape[1])}
+  state = tx.init(params)
+  update, new_state = tx.update({"w": jnp.asarray(matrix)}, state, params)
+  assert not np.array_equal(
+      jax.random.key_data(state.key), jax.random.key_data(new_state.key)
+  )
+  gradops_update, _ = _apply(gradops_jax.scale_by_gradops(2), matrix)
+  np.testing.assert_allclose(update["w"], gradops_update, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_imtl_g_matches_closed_form(name):
+  grads = CASES[name].astype(np.float64)
+  norms = np.linalg.norm(grads, axis=1)
+  update, state = _apply(gradops_jax.scale_by_imtl_g(grads.shape[0]), CASES[name])
+  active = norms > 0
+  alpha = np.asarray(state.weights, np.float64)
+  scale = np.sum((np.abs(alpha) + 1.0) * norms)
+  if not active.any():
+    np.testing.assert_array_equal(update, 0.0)
+    return
+  # Zero tasks are dropped: the closed form on the others.
+  expected, condition = reference.imtl_g_reference(grads[active])
+  if condition < 1e6:
+    np.testing.assert_allclose(update, expected, rtol=0, atol=1e-5 * scale)
+  else:
+    # Singular D U^T (opposite, duplicated or dependent tasks): the closed form
+    # is undefined; check the defining equations where they can hold.
+    units = grads[active] / norms[active, None]
+    projections = units @ update
+    np.testing.assert_allclose(projections, projections[0], rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", ["random_T3", "conflicting_T5", "mixed_scales_1e-20_1e20"])
+def test_imtl_g_equal_projections(name):
+  grads = CASES[name].astype(np.float64)
+  update, state = _apply(gradops_jax.scale_by_imtl_g(grads.shape[0]), CASES[name])
+  units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
+  projections = units @ update
+  np.testing.assert_allclose(projections, projections[0], rtol=1e-4)
+  np.testing.assert_allclose(np.sum(state.weights), 1.0, rtol=1e-5)
+
+
+def test_linear_scalarization_mean_and_weights():
+  matrix = CASES["conflicting_T3"]
+  update, _ = _apply(gradops_jax.scale_by_linear_scalarization(3), matrix)
+  np.testing.assert_allclose(update, matrix.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
+  weights = [0.2, 0.0, 3.0]
+  update, _ = _apply(gradops_jax.scale_by_linear_scalarization(3, weights), matrix)
+  np.testing.assert_allclose(update, np.asarray(weights) @ matrix, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="shape"):
+    gradops_jax.scale_by_linear_scalarization(3, [1.0, 2.0])
