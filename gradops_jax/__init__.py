@@ -5,6 +5,8 @@ from gradops_jax.gradops import GradOPSState
 from gradops_jax.gradops import gradops
 from gradops_jax.gradops import gradops_solve
 from gradops_jax.gradops import scale_by_gradops
+from gradops_jax.methods.gradvac import GradVacState
+from gradops_jax.methods.gradvac import scale_by_gradvac
 from gradops_jax.methods.imtl_g import scale_by_imtl_g
 from gradops_jax.methods.linear_scalarization import scale_by_linear_scalarization
 from gradops_jax.methods.mgda import scale_by_mgda
@@ -20,12 +22,14 @@ __version__ = "0.1.0"
 __all__ = (
     "GradOPSSolution",
     "GradOPSState",
+    "GradVacState",
     "PCGradState",
     "gradops",
     "gradops_solve",
     "min_norm_simplex_weights",
     "project_onto_simplex",
     "scale_by_gradops",
+    "scale_by_gradvac",
     "scale_by_imtl_g",
     "scale_by_linear_scalarization",
     "scale_by_mgda",

@@ -184,3 +184,24 @@ def imtl_g_reference(grads: np.ndarray) -> tuple[np.ndarray, float]:
   alpha_rest = np.linalg.lstsq(system.T, uu @ g[0], rcond=None)[0]
   alpha = np.concatenate([[1 - alpha_rest.sum()], alpha_rest])
   return alpha @ g, np.linalg.cond(system)
+
+
+def gradvac_reference(grads, order, targets, beta, zero_rtol):
+  """GradVac (Wang et al., ICLR 2021), Algorithm 2, one step, given order."""
+  g = np.asarray(grads, np.float64)
+  targets = np.array(targets, np.float64)
+  out = []
+  for i in range(g.shape[0]):
+    gi = g[i].copy()
+    for j in order:
+      if j == i or np.linalg.norm(gi) <= zero_rtol * np.linalg.norm(g[i]) or np.linalg.norm(g[j]) == 0:
+        continue
+      phi = np.clip(gi @ g[j] / (np.linalg.norm(gi) * np.linalg.norm(g[j])), -1, 1)
+      target = targets[i, j]
+      if phi < target and abs(target) < 1:
+        gi = gi + np.linalg.norm(gi) * (
+            target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2)
+        ) / (np.linalg.norm(g[j]) * np.sqrt(1 - target**2)) * g[j]
+      targets[i, j] = (1 - beta) * target + beta * phi
+    out.append(gi)
+  return np.sum(out, axis=0), targets

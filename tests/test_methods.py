@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gradops_jax
+from gradops_jax.gradops import default_rank_rtol
 from tests import cases as cases_lib
 from tests import reference
 
@@ -120,3 +121,36 @@ def test_linear_scalarization_mean_and_weights():
   np.testing.assert_allclose(update, np.asarray(weights) @ matrix, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="shape"):
     gradops_jax.scale_by_linear_scalarization(3, [1.0, 2.0])
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_gradvac_matches_reference_over_steps(name):
+  grads = CASES[name].astype(np.float64)
+  num_tasks = grads.shape[0]
+  beta = 0.3
+  tx = gradops_jax.scale_by_gradvac(num_tasks, beta=beta, seed=1)
+  params = {"w": jnp.zeros(grads.shape[1])}
+  state = tx.init(params)
+  key, targets = jax.random.key(1), np.zeros((num_tasks, num_tasks))
+  rng = np.random.default_rng(0)
+  update_fn = jax.jit(tx.update)
+  for _ in range(3):
+    step_grads = (grads * rng.uniform(0.5, 1.5, size=(num_tasks, 1))).astype(np.float32)
+    update, state = update_fn({"w": jnp.asarray(step_grads)}, state, params)
+    key, order_key = jax.random.split(key)
+    order = list(np.asarray(jax.random.permutation(order_key, num_tasks)))
+    expected, targets = reference.gradvac_reference(
+        step_grads, order, targets, beta, default_rank_rtol(num_tasks, jnp.float32)
+    )
+    _assert_close(
+        np.asarray(update["w"], np.float64), expected, step_grads.astype(np.float64),
+        np.abs(np.asarray(state.weights, np.float64)) + 1.0,
+    )
+    np.testing.assert_allclose(state.targets, targets, atol=1e-5)
+
+
+def test_gradvac_first_step_is_pcgrad():
+  matrix = CASES["conflicting_T5"]
+  gradvac, _ = _apply(gradops_jax.scale_by_gradvac(5, seed=3), matrix)
+  pcgrad, _ = _apply(gradops_jax.scale_by_pcgrad(5, seed=3), matrix)
+  np.testing.assert_allclose(gradvac, pcgrad, rtol=1e-5, atol=1e-5)

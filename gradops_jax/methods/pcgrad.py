@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from gradops_jax import aggregation
+from gradops_jax.methods import _surgery
 
 
 class PCGradState(NamedTuple):
@@ -39,19 +40,19 @@ def pcgrad_weights(gram: jax.Array, order: jax.Array) -> jax.Array:
   """
   num_tasks = gram.shape[0]
 
-  def surgery(task):
-    def body(position, coefficients):
-      other = order[position]
-      dot = coefficients @ gram[:, other]
-      norm_sq = gram[other, other]
-      conflict = (other != task) & (dot < 0) & (norm_sq > 0)
-      step = jnp.where(conflict, dot / jnp.where(norm_sq > 0, norm_sq, 1.0), 0.0)
-      return coefficients.at[other].add(-step)
+  def step(coefficients, task, other):
+    del task
+    dot = coefficients @ gram[:, other]
+    norm_sq = gram[other, other]
+    conflict = (dot < 0) & (norm_sq > 0)
+    return coefficients.at[other].add(
+        -jnp.where(conflict, dot / jnp.where(norm_sq > 0, norm_sq, 1.0), 0.0)
+    )
 
-    start = jax.nn.one_hot(task, num_tasks, dtype=gram.dtype)
-    return jax.lax.fori_loop(0, num_tasks, body, start)
+  def init_carry(task):
+    return jax.nn.one_hot(task, num_tasks, dtype=gram.dtype)
 
-  return jnp.sum(jax.vmap(surgery)(jnp.arange(num_tasks)), axis=0)
+  return jnp.sum(_surgery.sequential_surgery(gram, order, step, init_carry), axis=0)
 
 
 def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformation:
