@@ -5,11 +5,15 @@ from gradops_jax.gradops import GradOPSState
 from gradops_jax.gradops import gradops
 from gradops_jax.gradops import gradops_solve
 from gradops_jax.gradops import scale_by_gradops
+from gradops_jax.methods.aligned_mtl import scale_by_aligned_mtl
+from gradops_jax.methods.cagrad import scale_by_cagrad
+from gradops_jax.methods.conicgrad import scale_by_conicgrad
 from gradops_jax.methods.gradvac import GradVacState
 from gradops_jax.methods.gradvac import scale_by_gradvac
 from gradops_jax.methods.imtl_g import scale_by_imtl_g
 from gradops_jax.methods.linear_scalarization import scale_by_linear_scalarization
 from gradops_jax.methods.mgda import scale_by_mgda
+from gradops_jax.methods.nash_mtl import scale_by_nash_mtl
 from gradops_jax.methods.pcgrad import PCGradState
 from gradops_jax.methods.pcgrad import scale_by_pcgrad
 from gradops_jax.methods.upgrad import scale_by_upgrad
@@ -28,11 +32,15 @@ __all__ = (
     "gradops_solve",
     "min_norm_simplex_weights",
     "project_onto_simplex",
+    "scale_by_aligned_mtl",
+    "scale_by_cagrad",
+    "scale_by_conicgrad",
     "scale_by_gradops",
     "scale_by_gradvac",
     "scale_by_imtl_g",
     "scale_by_linear_scalarization",
     "scale_by_mgda",
+    "scale_by_nash_mtl",
     "scale_by_pcgrad",
     "scale_by_upgrad",
     "value_and_task_grads",

@@ -211,3 +211,52 @@ def nonnegative_quadratic_minimizer(
       <= _nonnegative_residual(quadratic, linear, v)
   )
   return jnp.where(polished_ok, polished, v)
+
+
+def minimize_on_simplex(
+    value_and_grad, num_tasks: int, dtype, tol: float = 1e-10, max_iters: int = 5000
+) -> jax.Array:
+  r"""Minimiser of a convex function over the probability simplex.
+
+  Projected gradient descent with a backtracking (Armijo) step size that grows
+  after accepted steps. Stops when the Frank-Wolfe gap
+  :math:`\nabla f(w)^\top w - \min_i \nabla f(w)_i` (an upper bound on
+  :math:`f(w) - \min f`) is at most ``tol``, or after ``max_iters`` trial
+  steps. Scale the problem so that ``tol`` is meaningful.
+
+  Args:
+    value_and_grad: ``w -> (f(w), grad f(w))``.
+    num_tasks: the dimension T.
+    dtype: floating dtype of ``w``.
+    tol: absolute tolerance on the Frank-Wolfe gap.
+    max_iters: cap on trial steps.
+
+  Returns:
+    ``(T,)`` weights on the simplex.
+  """
+
+  def gap(w, gradient):
+    return w @ gradient - jnp.min(gradient)
+
+  def cond_fn(carry):
+    step, w, value, gradient, _ = carry
+    return (step < max_iters) & (gap(w, gradient) > tol)
+
+  def body_fn(carry):
+    step, w, value, gradient, step_size = carry
+    candidate = project_onto_simplex(w - step_size * gradient)
+    candidate_value, candidate_gradient = value_and_grad(candidate)
+    move = candidate - w
+    accept = candidate_value <= value + gradient @ move + (move @ move) / (2 * step_size)
+    return (
+        step + 1,
+        jnp.where(accept, candidate, w),
+        jnp.where(accept, candidate_value, value),
+        jnp.where(accept, candidate_gradient, gradient),
+        jnp.where(accept, 1.5 * step_size, 0.5 * step_size),
+    )
+
+  w0 = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
+  value, gradient = value_and_grad(w0)
+  init = (jnp.array(0), w0, value, gradient, jnp.array(1.0, dtype))
+  return jax.lax.while_loop(cond_fn, body_fn, init)[1]

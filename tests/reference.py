@@ -205,3 +205,46 @@ def gradvac_reference(grads, order, targets, beta, zero_rtol):
       targets[i, j] = (1 - beta) * target + beta * phi
     out.append(gi)
   return np.sum(out, axis=0), targets
+
+
+def cagrad_reference(grads: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+  """CAGrad (Liu et al., NeurIPS 2021) as the official code: SLSQP on the
+  dual over the simplex, then d = (g0 + c||g0||/||g_w|| g_w) / (1 + c^2)."""
+  from scipy.optimize import minimize
+
+  g = np.asarray(grads, np.float64)
+  num_tasks = g.shape[0]
+  gram = g @ g.T
+  gram = gram / max(np.max(np.diag(gram)), 1e-300)
+  b = np.ones(num_tasks) / num_tasks
+  radius = c * np.sqrt(b @ gram @ b)
+
+  def objective(x):
+    return x @ gram @ b + radius * np.sqrt(max(x @ gram @ x, 0.0))
+
+  result = minimize(
+      objective, b, bounds=[(0, 1)] * num_tasks,
+      constraints=({"type": "eq", "fun": lambda x: 1 - np.sum(x)},),
+      method="SLSQP", options={"ftol": 1e-14, "maxiter": 1000},
+  )
+  w = result.x
+  gw = w @ g
+  g0 = b @ g
+  norm_g0 = np.linalg.norm(g0)
+  d = g0 + (c * norm_g0 / np.linalg.norm(gw)) * gw if np.linalg.norm(gw) > 0 else g0
+  return d / (1 + c**2), w
+
+
+def aligned_mtl_reference(grads: np.ndarray, rank_rtol: float) -> np.ndarray:
+  """Aligned-MTL (Senushkin et al., CVPR 2023), Algorithm 1, mean preference."""
+  g = np.asarray(grads, np.float64)
+  num_tasks = g.shape[0]
+  m = g @ g.T
+  eigenvalues, eigenvectors = np.linalg.eigh(m)
+  rank = int(np.sum(eigenvalues > rank_rtol * eigenvalues.max()))
+  if rank == 0:
+    return np.ones(num_tasks) / num_tasks @ g
+  order = np.argsort(eigenvalues)[::-1]
+  eigenvalues, eigenvectors = eigenvalues[order][:rank], eigenvectors[:, order][:, :rank]
+  balance = np.sqrt(eigenvalues[-1]) * eigenvectors @ np.diag(1 / np.sqrt(eigenvalues)) @ eigenvectors.T
+  return (balance @ (np.ones(num_tasks) / num_tasks)) @ g

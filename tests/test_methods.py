@@ -8,6 +8,8 @@ import pytest
 
 import gradops_jax
 from gradops_jax.gradops import default_rank_rtol
+from gradops_jax.methods.nash_mtl import RIDGE
+from gradops_jax.methods.nash_mtl import nash_mtl_weights
 from tests import cases as cases_lib
 from tests import reference
 
@@ -154,3 +156,110 @@ def test_gradvac_first_step_is_pcgrad():
   gradvac, _ = _apply(gradops_jax.scale_by_gradvac(5, seed=3), matrix)
   pcgrad, _ = _apply(gradops_jax.scale_by_pcgrad(5, seed=3), matrix)
   np.testing.assert_allclose(gradvac, pcgrad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("c", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("name", SMALL)
+def test_cagrad_is_at_least_as_good_as_official_slsqp(name, c):
+  """CAGrad's primal: maximise min_i g_i . d over ||d - g0|| <= c ||g0||."""
+  grads = CASES[name].astype(np.float64)
+  num_tasks = grads.shape[0]
+  update, _ = _apply(gradops_jax.scale_by_cagrad(num_tasks, c=c), CASES[name])
+  expected, _ = reference.cagrad_reference(grads, c)
+  d, d_ref = update * (1 + c**2), expected * (1 + c**2)
+  g0 = grads.mean(axis=0)
+  norms = np.linalg.norm(grads, axis=1)
+  tol = 1e-5 * norms.max() * max(np.linalg.norm(g0), norms.max())
+  assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) + 1e-5 * norms.max()
+  assert np.min(grads @ d) >= np.min(grads @ d_ref) - tol
+  if c == 0.0:
+    np.testing.assert_allclose(update, g0, rtol=0, atol=1e-6 * norms.max())
+
+
+@pytest.mark.parametrize("c", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("name", SMALL)
+def test_conicgrad_optimality_conditions(name, c):
+  """Feasible (cone and ball), and its worst-task improvement equals the dual
+  minimum found independently by SLSQP: zero duality gap, so optimal."""
+  from scipy.optimize import minimize
+
+  grads = CASES[name].astype(np.float64)
+  num_tasks = grads.shape[0]
+  update, _ = _apply(gradops_jax.scale_by_conicgrad(num_tasks, c=c), CASES[name])
+  g0 = grads.mean(axis=0)
+  radius = np.linalg.norm(g0)
+  norms = np.linalg.norm(grads, axis=1)
+  if norms.max() == 0:
+    np.testing.assert_array_equal(update, 0.0)
+    return
+  tol = 1e-5 * norms.max() * max(radius, 1e-300)
+  d_norm = np.linalg.norm(update)
+  assert d_norm <= radius * (1 + 1e-5)
+  assert g0 @ update >= c * radius * d_norm - tol
+  primal = np.min(grads @ update)
+  starts = np.concatenate([np.eye(num_tasks), np.full((1, num_tasks), 1.0 / num_tasks)])
+  # The dual is homogeneous of degree 2 in the gradients: let SLSQP see O(1).
+  unit = grads / norms.max()
+  dual = norms.max() ** 2 * min(
+      minimize(
+          lambda w: _cone_support(w @ unit, unit.mean(axis=0), c), start,
+          bounds=[(0, 1)] * num_tasks,
+          constraints=({"type": "eq", "fun": lambda w: 1 - np.sum(w)},), method="SLSQP",
+          options={"ftol": 1e-15, "maxiter": 500},
+      ).fun
+      for start in starts
+  )
+  assert primal <= dual + tol  # weak duality
+  assert primal >= dual - 1e-4 * norms.max() * max(radius, 1e-300)
+  if c == 1.0 and np.min(grads @ g0) > 0:  # unique optimum: the mean gradient
+    np.testing.assert_allclose(update, g0, rtol=0, atol=1e-5 * norms.max())
+
+
+def _cone_support(v, g0, c):
+  radius = np.linalg.norm(g0)
+  if radius == 0:
+    return 0.0
+  unit = g0 / radius
+  along = v @ unit
+  norm = np.linalg.norm(v)
+  across = np.sqrt(max(norm**2 - along**2, 0.0))
+  if along >= c * norm:
+    return radius * norm
+  return radius * max(along * c + across * np.sqrt(1 - c**2), 0.0)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_aligned_mtl_matches_algorithm_1(name):
+  grads = CASES[name].astype(np.float64)
+  num_tasks = grads.shape[0]
+  update, state = _apply(gradops_jax.scale_by_aligned_mtl(num_tasks), CASES[name])
+  expected = reference.aligned_mtl_reference(grads, num_tasks * np.finfo(np.float32).eps)
+  _assert_close(update, expected, grads, np.abs(np.asarray(state.weights, np.float64)) + 1.0 / num_tasks, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_nash_mtl_solves_the_bargaining_equation(name):
+  grads = CASES[name].astype(np.float64)
+  num_tasks = grads.shape[0]
+  gram = grads @ grads.T
+  frobenius = np.sqrt(np.sum(gram**2))
+  with jax.enable_x64(True):
+    alpha = np.asarray(nash_mtl_weights(jnp.asarray(gram)))
+  update, state = _apply(gradops_jax.scale_by_nash_mtl(num_tasks), CASES[name])
+  if frobenius == 0:
+    np.testing.assert_array_equal(update, 0.0)
+    return
+  assert np.all(alpha > 0)
+  quadratic = gram / frobenius + RIDGE * np.eye(num_tasks)
+  # Q alpha cancels when alpha is large (no exact solution without the
+  # ridge): its float64 rounding is about eps * alpha_max^2.
+  np.testing.assert_allclose(
+      alpha * (quadratic @ alpha), 1.0, rtol=0, atol=1e-10 + 1e-15 * alpha.max() ** 2
+  )
+  np.testing.assert_allclose(state.weights, alpha, rtol=1e-6)
+  # The update is d = sum_k alpha_k g_k, so g_i . d = (K alpha)_i, which the
+  # equation makes ||K||_F (1/alpha_i - ridge alpha_i) > 0 on well-posed
+  # inputs; checked up to the float32 rounding of the combination.
+  norms = np.linalg.norm(grads, axis=1)
+  bound = 1e-6 * norms * np.sum(alpha * norms)
+  assert np.all(np.abs(grads @ update - gram @ alpha) <= bound)

@@ -1,0 +1,172 @@
+r"""ConicGrad: the best worst-case task improvement inside a cone around the mean gradient.
+
+Derivation. The full ConicGrad paper (Hassanpour et al., 2025) was not
+available to us beyond its abstract, so the method is derived here from its
+problem statement: maximise the worst task improvement with the update kept
+in a cone centred on the mean gradient. With :math:`g_0 = \frac1T\sum_i g_i`,
+:math:`\hat g_0 = g_0/\|g_0\|`, a cone parameter :math:`c = \cos\theta \in
+[0, 1]` and the update's length bounded by :math:`r = \|g_0\|` (the
+normalisation; without one the problem is unbounded):
+
+.. math::
+
+  \max_{d \in \mathcal{C}} \min_i g_i^\top d, \qquad
+  \mathcal{C} = \{d : \hat g_0^\top d \ge c\,\|d\|,\ \|d\| \le r\}.
+
+:math:`\mathcal{C}` is convex and compact and the objective is the minimum of
+linear functions, :math:`\min_{w\in\Delta_T} g_w^\top d` with
+:math:`g_w = \sum_i w_i g_i`; by the minimax theorem
+
+.. math::
+
+  \max_{d\in\mathcal C} \min_{w\in\Delta_T} g_w^\top d
+  = \min_{w\in\Delta_T} \sigma_{\mathcal C}(g_w), \qquad
+  \sigma_{\mathcal C}(v) = \max_{d\in\mathcal C} v^\top d,
+
+a convex problem over T weights. The support function has a closed form:
+write :math:`v = a \hat g_0 + b \hat e` with :math:`a = v^\top \hat g_0`,
+:math:`b = \sqrt{\|v\|^2 - a^2} \ge 0` and :math:`s = \sqrt{1 - c^2}`. Then
+
+* if :math:`a \ge c\|v\|` (:math:`v` inside the cone), :math:`d^\star = r v/\|v\|`
+  and :math:`\sigma = r\|v\|`;
+* else if :math:`ac + bs > 0`, the maximiser is on the cone's rim in the plane
+  of :math:`\hat g_0` and :math:`v`: :math:`d^\star = r(c\,\hat g_0 + s\,\hat e)`,
+  :math:`\sigma = r(ac + bs)`;
+* else :math:`d^\star = 0` and :math:`\sigma = 0`.
+
+The two first expressions agree on the cone's surface. By Danskin's theorem
+:math:`\partial \sigma(g_w)/\partial w_i = g_i^\top d^\star(w)`, so with
+:math:`d^\star = \sum_k \beta_k g_k` the gradient is :math:`K\beta`, and
+everything (:math:`\|v\|^2 = w^\top K w`, :math:`a = w^\top K \mathbf 1/(T r)`,
+:math:`r^2 = \mathbf 1^\top K \mathbf 1 / T^2`) lives in task space; the
+dual is minimised with :func:`gradops_jax.solvers.minimize_on_simplex`. At the
+optimum :math:`w^\star`, :math:`d^\star(w^\star)` is primal optimal and
+:math:`\min_i g_i^\top d^\star = \sigma(g_{w^\star})` (zero duality gap), which
+the tests check. :math:`c = 1` gives :math:`d = g_0` when every task agrees
+with the mean. Since :math:`0 \in \mathcal C`, the optimum is non-negative;
+when it is zero (no direction in the cone helps every task, e.g. when 0 is in
+the convex hull of the gradients) the maximiser is not unique and
+:math:`d = 0` is returned; a zero mean gradient also gives :math:`d = 0`.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradops_jax import aggregation
+from gradops_jax import solvers
+from gradops_jax.gradops import default_rank_rtol
+
+
+def _cone_maximiser(scaled, mean, radius, c, w):
+  """Coefficients of d*(w) and the support value, in task space."""
+  tiny = jnp.finfo(scaled.dtype).tiny
+  sine = jnp.sqrt(jnp.maximum(1.0 - c**2, 0.0))
+  norm = jnp.sqrt(jnp.maximum(w @ scaled @ w, 0.0))
+  safe_radius = jnp.maximum(radius, tiny)
+  along = (w @ scaled @ mean) / safe_radius  # a = v . g0_hat
+  across = jnp.sqrt(jnp.maximum(norm**2 - along**2, 0.0))  # b
+  inside = along >= c * norm
+  rim = ~inside & (along * c + across * sine > 0)
+  inside_beta = radius * w / jnp.maximum(norm, tiny)
+  safe_across = jnp.maximum(across, tiny)
+  rim_beta = (radius * c - radius * sine * along / safe_across) / safe_radius * mean + (
+      radius * sine / safe_across
+  ) * w
+  beta = jnp.where(inside & (norm > 0), inside_beta, jnp.where(rim, rim_beta, 0.0))
+  value = jnp.where(
+      inside, radius * norm, jnp.where(rim, radius * (along * c + across * sine), 0.0)
+  )
+  return beta, value
+
+
+def conicgrad_weights(
+    gram: jax.Array, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000,
+    zero_rtol: float = 0.0,
+) -> jax.Array:
+  r"""ConicGrad coefficients from the Gram matrix (see the module docstring).
+
+  .. math::
+
+    d^\star = \arg\max_{\hat g_0^\top d \ge c\|d\|,\ \|d\| \le \|g_0\|}
+    \ \min_i g_i^\top d
+
+  Args:
+    gram: ``(T, T)`` Gram matrix.
+    c: cosine of the cone's half-angle, in [0, 1].
+    tol: Frank-Wolfe gap tolerance of the dual, on the Gram matrix scaled to
+      unit largest diagonal.
+    max_iters: iteration cap of the dual.
+    zero_rtol: a mean gradient shorter than this, relative to the largest
+      task gradient, counts as zero (it is rounding of cancelling tasks).
+
+  Returns:
+    ``(T,)`` coefficients :math:`\beta` with :math:`d^\star = \sum_k \beta_k g_k`;
+    zero when the optimal worst-task improvement is zero (then :math:`d = 0`
+    is optimal) or the mean gradient is zero.
+  """
+  num_tasks = gram.shape[0]
+  scale = jnp.max(jnp.diag(gram))
+  # Scaling all gradients by 1/sqrt(scale) leaves beta unchanged.
+  scaled = gram / jnp.where(scale > 0, scale, 1.0)
+  mean = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
+  radius = jnp.sqrt(jnp.maximum(mean @ scaled @ mean, 0.0))
+
+  def value_and_grad(w):
+    beta, value = _cone_maximiser(scaled, mean, radius, c, w)
+    return value, scaled @ beta
+
+  w = solvers.minimize_on_simplex(value_and_grad, num_tasks, gram.dtype, tol, max_iters)
+  beta, value = _cone_maximiser(scaled, mean, radius, c, w)
+  # 0 is in the cone, so the optimum is >= 0; when it is 0 (to the solver's
+  # tolerance), d = 0 is optimal and the dual maximiser would be noise.
+  positive = (radius > zero_rtol) & (value > zero_rtol * radius)
+  return jnp.where(positive, beta, 0.0)
+
+
+def scale_by_conicgrad(
+    num_tasks: int, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000
+) -> optax.GradientTransformation:
+  r"""Aggregates stacked per-task gradients with ConicGrad.
+
+  .. math::
+
+    \max_d \min_i g_i^\top d \quad \text{s.t.} \quad
+    \frac{g_0^\top d}{\|g_0\|\|d\|} \ge c,\ \|d\| \le \|g_0\|
+
+  solved through its dual in task space (derivation in the module docstring).
+
+  Args:
+    num_tasks: T.
+    c: cosine of the cone's half-angle around the mean gradient, in [0, 1];
+      1 gives the mean gradient, 0 the half-space of non-negative progress on
+      the mean loss.
+    tol: Frank-Wolfe gap tolerance of the dual.
+    max_iters: iteration cap of the dual.
+
+  Returns:
+    An :class:`optax.GradientTransformation` with a
+    :class:`gradops_jax.aggregation.WeightsState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gradops_jax.methods.conicgrad import scale_by_conicgrad
+    >>> tx = scale_by_conicgrad(2, c=0.5)
+    >>> g = {'w': jnp.array([[1.0, 0.0], [-1.0, 2.0]])}
+    >>> d, _ = tx.update(g, tx.init({'w': jnp.zeros(2)}))
+
+  References:
+    Hassanpour et al., `Fantastic Multi-Task Gradient Updates and How to Find
+    Them In a Cone <https://arxiv.org/abs/2502.00217>`_, 2025 (problem
+    statement; the derivation is ours).
+  """
+  if not 0 <= c <= 1:
+    raise ValueError(f"c must be in [0, 1], got {c!r}.")
+  if tol < 0:
+    raise ValueError(f"tol must be non-negative, got {tol!r}.")
+  return aggregation.weighting_aggregator(
+      num_tasks,
+      lambda gram, input_dtype: conicgrad_weights(
+          gram, c, tol, max_iters, default_rank_rtol(num_tasks, input_dtype)
+      ),
+  )

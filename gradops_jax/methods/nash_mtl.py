@@ -1,0 +1,122 @@
+r"""Nash-MTL: the Nash bargaining solution between the tasks."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradops_jax import aggregation
+
+RIDGE = 1e-8
+
+
+def nash_mtl_weights(gram: jax.Array, tol: float = 1e-12, max_iters: int = 500) -> jax.Array:
+  r"""Nash-MTL coefficients from the Gram matrix.
+
+  Nash-MTL (Navon et al., 2022, Eq. 2 and Sec. 3.1) weights the tasks by the
+  positive solution of
+
+  .. math::
+
+    \hat K \alpha = 1 / \alpha \quad (\text{elementwise}), \qquad
+    \hat K = K / \|K\|_F,
+
+  the Gram matrix normalised as in the official implementation, and updates
+  with :math:`d = \sum_i \alpha_i g_i`. The equation is the optimality
+  condition of the strictly convex problem
+  :math:`\min_{\alpha > 0} \tfrac12 \alpha^\top \hat K \alpha - \sum_i \log \alpha_i`,
+  solved here exactly by damped Newton steps (the official code approximates
+  it with a few convex-concave iterations of a cvxpy solver). A ridge
+  :math:`10^{-8} I` is added to :math:`\hat K` so that a solution exists for
+  every input: without it, zero or exactly opposite task gradients admit none
+  (the weights then grow large on those tasks, whose contributions vanish or
+  cancel). Stops when :math:`\max_i |\alpha_i (\hat K\alpha)_i - 1|` is at most
+  ``tol`` or after ``max_iters`` Newton steps.
+
+  Args:
+    gram: ``(T, T)`` Gram matrix.
+    tol: tolerance on the optimality condition.
+    max_iters: cap on Newton steps.
+
+  Returns:
+    ``(T,)`` weights :math:`\alpha > 0` (zeros when every gradient is zero).
+  """
+  num_tasks = gram.shape[0]
+  frobenius = jnp.sqrt(jnp.sum(gram**2))
+  normalised = gram / jnp.where(frobenius > 0, frobenius, 1.0)
+  quadratic = normalised + RIDGE * jnp.eye(num_tasks, dtype=gram.dtype)
+
+  def objective(alpha):
+    return 0.5 * alpha @ quadratic @ alpha - jnp.sum(jnp.log(alpha))
+
+  def residual(alpha):
+    return jnp.max(jnp.abs(alpha * (quadratic @ alpha) - 1.0))
+
+  def cond_fn(carry):
+    step, alpha = carry
+    return (step < max_iters) & (residual(alpha) > tol)
+
+  def body_fn(carry):
+    step, alpha = carry
+    gradient = quadratic @ alpha - 1.0 / alpha
+    hessian = quadratic + jnp.diag(1.0 / alpha**2)
+    direction = -jnp.linalg.solve(hessian, gradient)
+    # Largest step in {1, 1/2, ..., 2^-30} keeping alpha > 0 and decreasing
+    # either f (Armijo) or the optimality residual; the latter keeps Newton's
+    # quadratic convergence where f is flat to rounding (large alpha).
+    sizes = 0.5 ** jnp.arange(31, dtype=gram.dtype)
+    candidates = alpha[None, :] + sizes[:, None] * direction[None, :]
+    positive = jnp.all(candidates > 0, axis=1)
+    safe = jnp.where(positive[:, None], candidates, 1.0)
+    values = jax.vmap(objective)(safe)
+    decrease = values <= objective(alpha) + 1e-4 * sizes * (gradient @ direction)
+    closer = jax.vmap(residual)(safe) < residual(alpha)
+    acceptable = positive & (decrease | closer)
+    # First acceptable size (argmax is avoided: inside enable_x64 its cached
+    # lowering can disagree on the index dtype).
+    chosen = jnp.min(jnp.where(acceptable, jnp.arange(31, dtype=jnp.int32), 30))
+    new_alpha = jnp.where(jnp.any(acceptable), candidates[chosen], alpha)
+    return step + 1, new_alpha
+
+  init = (jnp.array(0), jnp.ones((num_tasks,), gram.dtype))
+  _, alpha = jax.lax.while_loop(cond_fn, body_fn, init)
+  return jnp.where(frobenius > 0, alpha, 0.0)
+
+
+def scale_by_nash_mtl(
+    num_tasks: int, tol: float = 1e-12, max_iters: int = 500
+) -> optax.GradientTransformation:
+  r"""Aggregates stacked per-task gradients with Nash-MTL.
+
+  .. math::
+
+    d = \sum_i \alpha_i g_i, \qquad \hat K \alpha = 1/\alpha
+
+  (see :func:`nash_mtl_weights`). Every task's directional derivative along
+  :math:`d` is then :math:`g_i^\top d = \|K\|_F / \alpha_i > 0`: the bargaining
+  solution gives each task a positive share.
+
+  Args:
+    num_tasks: T.
+    tol: tolerance on the optimality condition.
+    max_iters: cap on Newton steps.
+
+  Returns:
+    An :class:`optax.GradientTransformation` with a
+    :class:`gradops_jax.aggregation.WeightsState`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gradops_jax.methods.nash_mtl import scale_by_nash_mtl
+    >>> tx = scale_by_nash_mtl(2)
+    >>> g = {'w': jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+    >>> d, _ = tx.update(g, tx.init({'w': jnp.zeros(2)}))
+
+  References:
+    Navon et al., `Multi-Task Learning as a Bargaining Game
+    <https://arxiv.org/abs/2202.01017>`_, ICML 2022, Sec. 3.
+  """
+  if tol < 0:
+    raise ValueError(f"tol must be non-negative, got {tol!r}.")
+  return aggregation.weighting_aggregator(
+      num_tasks, lambda gram, _: nash_mtl_weights(gram, tol, max_iters)
+  )
