@@ -11,9 +11,10 @@ passes over the (possibly huge) gradient pytree:
 * :func:`combine` reads every leaf once more and returns
   :math:`\sum_k \beta_k g_k` with the parameters' structure, shapes and dtypes.
 
-Neither pass builds a flattened ``(T, D)`` copy: each leaf is reduced or
-combined in place by one fused XLA reduction, and the only cross-leaf (and,
-under sharding, cross-device) traffic is a :math:`T \times T` sum.
+Neither pass builds a flattened ``(T, D)`` copy: each leaf is reduced block
+by block (cache-sized blocks, one fused reduction each) or combined in place,
+and the only cross-leaf (and, under sharding, cross-device) traffic is a
+:math:`T \times T` sum.
 
 Numerics. The Gram matrix is accumulated in float64 from float32 (or
 bfloat16/float16) inputs. The product of two float32 numbers is exact in
@@ -36,14 +37,49 @@ import jax
 import jax.numpy as jnp
 
 GRAM_DTYPE = jnp.float64
+COMBINE_BLOCK = 4096
+
+
+def _block_gram(rows: jax.Array) -> jax.Array:
+  """Exact-product Gram matrix of a ``(T, b)`` float32 block, in float64.
+
+  One fused reduction: the products are formed and summed on the fly, without
+  materialising a ``(T, T, b)`` or converted ``(T, b)`` array.
+  """
+  rows = rows.astype(GRAM_DTYPE)
+  return jnp.sum(rows[:, None, :] * rows[None, :, :], axis=-1)
+
+
+def _block_size(num_tasks: int) -> int:
+  """Columns per block: about 256 KiB of float64 rows, so a block stays in cache."""
+  return max(1024, 32768 // num_tasks)
 
 
 def _leaf_gram(leaf: jax.Array) -> jax.Array:
-  """Exact-product Gram matrix of one ``(T, ...)`` leaf, in float64."""
-  rows = jnp.reshape(leaf, (leaf.shape[0], -1)).astype(GRAM_DTYPE)
-  # One fused reduction: the products are formed and summed on the fly,
-  # without materialising a (T, T, d) or converted (T, d) array.
-  return jnp.sum(rows[:, None, :] * rows[None, :, :], axis=-1)
+  """Exact-product Gram matrix of one ``(T, ...)`` leaf, in float64.
+
+  Large leaves are reduced block by block in a ``lax.scan`` so that each block
+  is read from memory once and all :math:`T^2` products are formed while it is
+  in cache (one fused reduction over a whole large leaf re-reads it
+  :math:`T^2` times, and XLA stops fusing it at about 1e7 elements).
+  """
+  num_tasks = leaf.shape[0]
+  rows = jnp.reshape(leaf, (num_tasks, -1))
+  size = rows.shape[1]
+  block = _block_size(num_tasks)
+  num_blocks = size // block
+  if num_blocks < 2:
+    return _block_gram(rows)
+
+  def accumulate(gram, index):
+    chunk = jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1)
+    return gram + _block_gram(chunk), None
+
+  init = jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE)
+  gram, _ = jax.lax.scan(accumulate, init, jnp.arange(num_blocks))
+  if size > num_blocks * block:
+    gram = gram + _block_gram(rows[:, num_blocks * block :])
+  return gram
 
 
 def task_gram(task_grads: Any, num_tasks: int) -> jax.Array:
@@ -98,12 +134,33 @@ def combine(task_grads: Any, coefficients: jax.Array) -> Any:
     A pytree with leaves of shape ``shape`` and the leaves' dtypes.
   """
 
+  def combine_block(rows, scale_a, scale_b):
+    return jnp.sum((rows * scale_a[:, None]) * scale_b[:, None], axis=0)
+
   def combine_leaf(leaf):
     accumulation_dtype = jnp.promote_types(leaf.dtype, jnp.float32)
     scale_a, scale_b = _split_into_two_factors(coefficients, accumulation_dtype)
-    broadcast = (slice(None),) + (None,) * (leaf.ndim - 1)
-    terms = (leaf.astype(accumulation_dtype) * scale_a[broadcast]) * scale_b[broadcast]
-    return jnp.sum(terms, axis=0).astype(leaf.dtype)
+    rows = jnp.reshape(leaf, (leaf.shape[0], -1)).astype(accumulation_dtype)
+    size = rows.shape[1]
+    num_blocks = size // COMBINE_BLOCK
+    if num_blocks < 2:
+      combined = combine_block(rows, scale_a, scale_b)
+    else:
+      # Block by block (a reduction over the task axis of a whole large leaf
+      # is XLA's slow path on CPU), written in place into the output.
+      def write_block(out, index):
+        start = index * COMBINE_BLOCK
+        chunk = jax.lax.dynamic_slice_in_dim(rows, start, COMBINE_BLOCK, axis=1)
+        block = combine_block(chunk, scale_a, scale_b)
+        return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=0), None
+
+      combined, _ = jax.lax.scan(
+          write_block, jnp.zeros((size,), accumulation_dtype), jnp.arange(num_blocks)
+      )
+      if size > num_blocks * COMBINE_BLOCK:
+        tail = combine_block(rows[:, num_blocks * COMBINE_BLOCK :], scale_a, scale_b)
+        combined = combined.at[num_blocks * COMBINE_BLOCK :].set(tail)
+    return jnp.reshape(combined, leaf.shape[1:]).astype(leaf.dtype)
 
   return jax.tree.map(combine_leaf, task_grads)
 

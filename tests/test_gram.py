@@ -41,3 +41,22 @@ def test_float64_gram_is_accurate_where_float32_gram_and_qr_are_not():
   error_qr = _projection_error(r_factor.T @ r_factor, grads)
   assert error64 < 1e-8
   assert error_qr > 100 * error64 and error32 > 100 * error64
+
+
+def test_blocked_gram_and_combine_on_large_leaves():
+  """Leaves larger than a block go through the scanned paths (with a tail)."""
+  rng = np.random.default_rng(5)
+  matrix = rng.standard_normal((3, 7 * 5301)).astype(np.float32)  # 37107 columns
+  tree = {"big": jnp.asarray(matrix.reshape(3, 7, -1)), "small": jnp.asarray(matrix[:, :10])}
+  exact = matrix.astype(np.float64)
+  with jax.enable_x64(True):
+    gram = np.asarray(jax.jit(gram_lib.task_gram, static_argnums=1)(tree, 3))
+    coefficients = jnp.asarray([0.5, -2.0, 1e-3])
+    combined = jax.jit(gram_lib.combine)(tree, coefficients)
+  expected_gram = exact @ exact.T + exact[:, :10] @ exact[:, :10].T
+  np.testing.assert_allclose(gram, expected_gram, rtol=1e-13)
+  expected = np.asarray(coefficients) @ exact
+  np.testing.assert_allclose(
+      np.asarray(combined["big"], np.float64).ravel(), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+  )
+  assert combined["big"].shape == (7, matrix.shape[1] // 7)

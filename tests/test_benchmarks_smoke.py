@@ -1,0 +1,13 @@
+"""The benchmark entry point runs end to end at tiny sizes (no timing asserts)."""
+
+import json
+
+from benchmarks import run
+
+
+def test_benchmark_entry_point_tiny(tmp_path, capsys):
+  results = run.main(["--tiny", "--out", str(tmp_path)])
+  assert "Floor ratio" in capsys.readouterr().out
+  assert json.loads((tmp_path / "tiny.json").read_text())["mode"] == "tiny"
+  assert results["compile"]["retraces_over_steps"] == 0
+  assert {row["method"] for row in results["methods"]} >= {"GradOPS", "PCGrad", "MGDA", "UPGrad"}
