@@ -146,20 +146,7 @@ def test_float64_inputs_with_x64():
     np.testing.assert_allclose(np.asarray(updates["a"]), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_no_retrace_on_new_values():
-  tx = gradops_jax.scale_by_gradops(3, alpha=1.0)
-  params = {"a": jnp.zeros(8)}
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(grads, state):
-    return tx.update(grads, state, params)
-
-  state = tx.init(params)
-  rng = np.random.default_rng(3)
-  for _ in range(3):
-    _, state = step({"a": jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)}, state)
-  assert int(state.fallback_count) == 0
+# No retrace on new values: see tests/test_battery.py (every method, GradOPS included).
 
 
 def test_state_counts_fallbacks():
