@@ -30,9 +30,7 @@ def least_precise_dtype(tree: Any):
 
 
 def _cast_like(new: jax.Array, old: jax.Array) -> jax.Array:
-  """Casts a new state leaf to the dtype of the old one (keys stay keys)."""
-  if jax.dtypes.issubdtype(old.dtype, jax.dtypes.prng_key):
-    return new
+  """Casts a new state leaf to the dtype of the old one."""
   return jnp.asarray(new).astype(old.dtype)
 
 

@@ -15,7 +15,9 @@ class GradVacState(NamedTuple):
   """State of :func:`scale_by_gradvac`.
 
   Attributes:
-    key: PRNG key for the next step's task order.
+    key: raw PRNG key data (uint32, see :func:`jax.random.key_data`) for
+      the next step's task order; raw data so that checkpointing libraries
+      can serialise the state.
     targets: ``(T, T)`` float32 EMA targets :math:`\\hat\\phi_{ij}` of the
       cosine between (modified) task ``i`` and task ``j``.
     weights: ``(T,)`` float32 coefficients of the last update.
@@ -127,17 +129,19 @@ def scale_by_gradvac(
 
   def init_state():
     return GradVacState(
-        key=jax.random.key(seed),
+        key=jax.random.key_data(jax.random.key(seed)),
         targets=jnp.zeros((num_tasks, num_tasks), jnp.float32),
         weights=jnp.zeros((num_tasks,), jnp.float32),
     )
 
   def solve(gram, state, input_dtype):
-    key, order_key = jax.random.split(state.key)
+    key, order_key = jax.random.split(jax.random.wrap_key_data(state.key))
     order = jax.random.permutation(order_key, num_tasks)
     coefficients, targets = gradvac_weights(
         gram, order, state.targets, beta, default_rank_rtol(num_tasks, input_dtype)
     )
-    return coefficients, GradVacState(key=key, targets=targets, weights=coefficients)
+    return coefficients, GradVacState(
+        key=jax.random.key_data(key), targets=targets, weights=coefficients
+    )
 
   return aggregation.gram_aggregator(num_tasks, init_state, solve)

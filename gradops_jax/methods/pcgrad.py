@@ -14,7 +14,9 @@ class PCGradState(NamedTuple):
   """State of :func:`scale_by_pcgrad`.
 
   Attributes:
-    key: PRNG key for the next step's task order.
+    key: raw PRNG key data (uint32, see :func:`jax.random.key_data`) for
+      the next step's task order; raw data so that checkpointing libraries
+      can serialise the state.
     weights: ``(T,)`` float32 coefficients :math:`\\beta` of the last update.
   """
 
@@ -89,12 +91,15 @@ def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformati
   """
 
   def init_state():
-    return PCGradState(key=jax.random.key(seed), weights=jnp.zeros((num_tasks,), jnp.float32))
+    return PCGradState(
+        key=jax.random.key_data(jax.random.key(seed)),
+        weights=jnp.zeros((num_tasks,), jnp.float32),
+    )
 
   def solve(gram, state, input_dtype):
     del input_dtype
-    key, order_key = jax.random.split(state.key)
+    key, order_key = jax.random.split(jax.random.wrap_key_data(state.key))
     coefficients = pcgrad_weights(gram, jax.random.permutation(order_key, num_tasks))
-    return coefficients, PCGradState(key=key, weights=coefficients)
+    return coefficients, PCGradState(key=jax.random.key_data(key), weights=coefficients)
 
   return aggregation.gram_aggregator(num_tasks, init_state, solve)
