@@ -8,7 +8,6 @@ opposite directions. Each step computes the two task gradients with
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 import gradops_jax

@@ -142,3 +142,28 @@ def test_checkpoint_round_trip_resumes_bit_identically(method):
   resumed, _ = run(restored, batches[2:])
   for expected, actual in zip(straight[2:], resumed):
     np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_non_finite_input_is_flagged_and_apply_if_finite_skips_the_step(method):
+  """Chosen behaviour: a NaN or Inf in the task gradients makes the update
+  non-finite, so optax.apply_if_finite placed after the aggregator skips the
+  step. (It cannot wrap the aggregator itself: on rejection it returns zeros
+  shaped like its input, which carries the task axis.)"""
+  import optax
+
+  grads = np.asarray(CASES["conflicting_T3"][:, :8])
+  params = {"w": jnp.zeros(8)}
+  for bad in (np.nan, np.inf):
+    broken = grads.copy()
+    broken[1, 3] = bad
+    tx = METHODS[method][0](3)
+    updates, _ = jax.jit(tx.update)({"w": jnp.asarray(broken)}, tx.init(params), params)
+    assert not np.all(np.isfinite(np.asarray(updates["w"])))
+    guarded = optax.chain(
+        METHODS[method][0](3), optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=3)
+    )
+    state = guarded.init(params)
+    updates, state = jax.jit(guarded.update)({"w": jnp.asarray(broken)}, state, params)
+    np.testing.assert_array_equal(updates["w"], np.zeros(8))
+    assert int(state[1].notfinite_count) == 1
