@@ -41,3 +41,14 @@ def sequential_surgery(
     return jax.lax.fori_loop(0, num_tasks, body, init_carry(task))
 
   return jax.vmap(one_task)(jnp.arange(num_tasks))
+
+
+def initial_key_data(seed: int) -> jax.Array:
+  """Raw PRNG key data for the state (plain uint32, so states serialise)."""
+  return jax.random.key_data(jax.random.key(seed))
+
+
+def next_task_order(key_data: jax.Array, num_tasks: int) -> tuple[jax.Array, jax.Array]:
+  """Draws this step's visiting order; returns ``(next_key_data, order)``."""
+  key, order_key = jax.random.split(jax.random.wrap_key_data(key_data))
+  return jax.random.key_data(key), jax.random.permutation(order_key, num_tasks)

@@ -129,19 +129,18 @@ def scale_by_gradvac(
 
   def init_state():
     return GradVacState(
-        key=jax.random.key_data(jax.random.key(seed)),
+        key=_surgery.initial_key_data(seed),
         targets=jnp.zeros((num_tasks, num_tasks), jnp.float32),
         weights=jnp.zeros((num_tasks,), jnp.float32),
     )
 
   def solve(gram, state, input_dtype):
-    key, order_key = jax.random.split(jax.random.wrap_key_data(state.key))
-    order = jax.random.permutation(order_key, num_tasks)
+    key, order = _surgery.next_task_order(state.key, num_tasks)
     coefficients, targets = gradvac_weights(
         gram, order, state.targets, beta, default_rank_rtol(num_tasks, input_dtype)
     )
     return coefficients, GradVacState(
-        key=jax.random.key_data(key), targets=targets, weights=coefficients
+        key=key, targets=targets, weights=coefficients
     )
 
   return aggregation.gram_aggregator(num_tasks, init_state, solve)

@@ -92,14 +92,14 @@ def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformati
 
   def init_state():
     return PCGradState(
-        key=jax.random.key_data(jax.random.key(seed)),
+        key=_surgery.initial_key_data(seed),
         weights=jnp.zeros((num_tasks,), jnp.float32),
     )
 
   def solve(gram, state, input_dtype):
     del input_dtype
-    key, order_key = jax.random.split(jax.random.wrap_key_data(state.key))
-    coefficients = pcgrad_weights(gram, jax.random.permutation(order_key, num_tasks))
-    return coefficients, PCGradState(key=jax.random.key_data(key), weights=coefficients)
+    key, order = _surgery.next_task_order(state.key, num_tasks)
+    coefficients = pcgrad_weights(gram, order)
+    return coefficients, PCGradState(key=key, weights=coefficients)
 
   return aggregation.gram_aggregator(num_tasks, init_state, solve)
