@@ -11,10 +11,17 @@ passes over the (possibly huge) gradient pytree:
 * :func:`combine` reads every leaf once more and returns
   :math:`\sum_k \beta_k g_k` with the parameters' structure, shapes and dtypes.
 
-Neither pass builds a flattened ``(T, D)`` copy: each leaf is reduced block
-by block (cache-sized blocks, one fused reduction each) or combined in place,
-and the only cross-leaf (and, under sharding, cross-device) traffic is a
-:math:`T \times T` sum.
+Neither pass builds a ``(T, D)`` copy of the gradients. The combine is one
+fused elementwise pass per leaf, wherever the leaf lies. The Gram pass has two
+forms. On one device, each leaf is read in cache-sized blocks inside a
+:func:`jax.lax.scan`: one read, no temporary buffer. When the leaf may be
+sharded (it carries an Explicit sharding, or a mesh of several devices is set
+with :func:`jax.set_mesh`), the scan's dynamic slices would make XLA gather
+the leaf, so the leaf is instead reduced in blocks of its own trailing axes,
+which no operation merges or slices: XLA reduces each shard where it lies and
+the only cross-device traffic is a sum of small partial Gram matrices. On
+CPU, XLA materialises the transposed float64 blocks of that form (about
+:math:`2T` buffers of the local shard's size); on one device the scan is used.
 
 Numerics. The Gram matrix is accumulated in float64 from float32 (or
 bfloat16/float16) inputs. The product of two float32 numbers is exact in
@@ -31,37 +38,69 @@ by 1e-9 (``tests/test_gram.py`` keeps that comparison). The float64 work runs
 inside ``jax.enable_x64`` locally; users do not need to enable x64.
 """
 
-from typing import Any
+import math
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 GRAM_DTYPE = jnp.float64
-COMBINE_BLOCK = 4096
-
-
-def _block_gram(rows: jax.Array) -> jax.Array:
-  """Exact-product Gram matrix of a ``(T, b)`` float32 block, in float64.
-
-  One fused reduction: the products are formed and summed on the fly, without
-  materialising a ``(T, T, b)`` or converted ``(T, b)`` array.
-  """
-  rows = rows.astype(GRAM_DTYPE)
-  return jnp.sum(rows[:, None, :] * rows[None, :, :], axis=-1)
 
 
 def _block_size(num_tasks: int) -> int:
-  """Columns per block: about 256 KiB of float64 rows, so a block stays in cache."""
+  """Elements per block: about 256 KiB of float64 rows, so a block stays in cache."""
   return max(1024, 32768 // num_tasks)
 
 
-def _leaf_gram(leaf: jax.Array) -> jax.Array:
-  """Exact-product Gram matrix of one ``(T, ...)`` leaf, in float64.
+def _divisor_near(size: int, target: int, num_shards: int) -> Optional[int]:
+  """The largest divisor of ``size`` in ``[target // 8, target]`` with a multiple
+  of ``num_shards`` blocks, if any."""
+  for divisor in range(target, max(target // 8, 1) - 1, -1):
+    if size % divisor == 0 and (size // divisor) % num_shards == 0:
+      return divisor
+  return None
 
-  Large leaves are reduced block by block in a ``lax.scan`` so that each block
-  is read from memory once and all :math:`T^2` products are formed while it is
-  in cache (one fused reduction over a whole large leaf re-reads it
-  :math:`T^2` times, and XLA stops fusing it at about 1e7 elements).
+
+def _explicit_last_axis(leaf: jax.Array) -> tuple[Any, int]:
+  """The mesh axes and shard count of the leaf's last axis under an Explicit sharding.
+
+  ``(None, 1)`` when the last axis is not sharded or the sharding is not part
+  of the type (Auto mode, where XLA's partitioner places the blocks itself).
+  """
+  sharding = jax.typeof(leaf).sharding
+  spec = tuple(getattr(sharding, "spec", ()) or ())
+  if len(spec) < leaf.ndim or spec[-1] is None:
+    return None, 1
+  names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
+  return spec, math.prod(sharding.mesh.shape[name] for name in names)
+
+
+def _blocked_gram(leaf: jax.Array, num_inner: int) -> jax.Array:
+  """Gram matrix of ``(T, *outer, *inner)`` with ``num_inner`` trailing block axes.
+
+  The task axis is moved between the outer and the inner axes, so that the
+  fused reduction over the inner axes forms all :math:`T^2` products of one
+  block while it is in cache and reads the leaf from memory once. The outer
+  partial sums (a few of them per block, float64) are then added up. No axis
+  is merged with another, so a leaf sharded on any axis is reduced where it
+  lies: only partial Gram sums cross devices.
+  """
+  num_outer = leaf.ndim - 1 - num_inner
+  order = tuple(range(1, num_outer + 1)) + (0,) + tuple(range(num_outer + 1, leaf.ndim))
+  rows = jnp.transpose(leaf.astype(GRAM_DTYPE), order)  # (*outer, T, *inner)
+  products = jnp.expand_dims(rows, num_outer + 1) * jnp.expand_dims(rows, num_outer)
+  partial = jnp.sum(products, axis=tuple(range(num_outer + 2, products.ndim)))
+  return jnp.sum(partial, axis=tuple(range(num_outer)))
+
+
+def _scanned_leaf_gram(leaf: jax.Array) -> jax.Array:
+  """Gram matrix of one leaf on one device: its rows reduced block by block in a scan.
+
+  The leaf is read as ``(T, D)`` rows, in blocks of :func:`_block_size`
+  columns inside a :func:`jax.lax.scan`, so that each block is read from
+  memory once and all :math:`T^2` products are formed while it is in cache,
+  with no temporary buffer (a dynamic slice of a sharded axis would make XLA
+  gather the leaf, hence :func:`_partitionable_leaf_gram` for sharded leaves).
   """
   num_tasks = leaf.shape[0]
   rows = jnp.reshape(leaf, (num_tasks, -1))
@@ -69,17 +108,67 @@ def _leaf_gram(leaf: jax.Array) -> jax.Array:
   block = _block_size(num_tasks)
   num_blocks = size // block
   if num_blocks < 2:
-    return _block_gram(rows)
+    return _blocked_gram(rows, 1)
 
   def accumulate(gram, index):
     chunk = jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1)
-    return gram + _block_gram(chunk), None
+    return gram + _blocked_gram(chunk, 1), None
 
-  init = jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE)
-  gram, _ = jax.lax.scan(accumulate, init, jnp.arange(num_blocks))
+  gram, _ = jax.lax.scan(
+      accumulate, jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE), jnp.arange(num_blocks)
+  )
   if size > num_blocks * block:
-    gram = gram + _block_gram(rows[:, num_blocks * block :])
+    gram = gram + _blocked_gram(rows[:, num_blocks * block :], 1)
   return gram
+
+
+def _partitionable_leaf_gram(leaf: jax.Array) -> jax.Array:
+  """Gram matrix of one leaf that XLA may shard: blocks of its own trailing axes.
+
+  Blocks are the longest run of trailing parameter axes that fits in
+  :func:`_block_size` elements. A last axis longer than that is split into
+  blocks of a size that divides it (under an Explicit sharding of that axis,
+  into a multiple of its shard count), or, if it has no divisor near the
+  block size, into whole blocks and a remainder. One fused reduction over a whole
+  large leaf would re-read it from memory :math:`T^2` times.
+  """
+  shape = leaf.shape[1:]
+  block = _block_size(leaf.shape[0])
+  num_inner = 0
+  while num_inner < len(shape) and math.prod(shape[len(shape) - num_inner - 1 :]) <= block:
+    num_inner += 1
+  if num_inner or not shape:
+    return _blocked_gram(leaf, num_inner)
+  last = shape[-1]
+  spec, num_shards = _explicit_last_axis(leaf)
+  divisor = _divisor_near(last, block, num_shards)
+  if divisor is not None:
+    out_sharding = None if spec is None else jax.sharding.PartitionSpec(*spec, None)
+    split = jax.lax.reshape(
+        leaf, (*leaf.shape[:-1], last // divisor, divisor), out_sharding=out_sharding
+    )
+    return _blocked_gram(split, 1)
+  if spec is not None:
+    # No block size splits the shards evenly: one block (correct, slower).
+    return _blocked_gram(leaf, 1)
+  whole = (last // block) * block
+  head = jnp.reshape(leaf[..., :whole], (*leaf.shape[:-1], last // block, block))
+  return _blocked_gram(head, 1) + _partitionable_leaf_gram(leaf[..., whole:])
+
+
+def _may_be_sharded(leaf: jax.Array) -> bool:
+  """Whether the leaf has an Explicit sharding or a multi-device mesh is in context."""
+  spec = getattr(jax.typeof(leaf).sharding, "spec", None) or ()
+  if any(axis is not None for axis in spec):
+    return True
+  return jax.sharding.get_abstract_mesh().size > 1
+
+
+def _leaf_gram(leaf: jax.Array) -> jax.Array:
+  """Exact-product Gram matrix of one ``(T, ...)`` leaf, in float64."""
+  if _may_be_sharded(leaf):
+    return _partitionable_leaf_gram(leaf)
+  return _scanned_leaf_gram(leaf)
 
 
 def task_gram(task_grads: Any, num_tasks: int) -> jax.Array:
@@ -122,9 +211,12 @@ def _split_into_two_factors(coefficients: jax.Array, dtype) -> tuple[jax.Array, 
 def combine(task_grads: Any, coefficients: jax.Array) -> Any:
   r"""The linear combination :math:`\sum_k \beta_k g_k`, leaf by leaf.
 
-  Accumulates in float32 (or the leaf's dtype if wider) and rounds once to the
-  leaf's dtype. Must be called inside ``jax.enable_x64(True)`` when
-  ``coefficients`` is float64.
+  Accumulates in float32 (or the leaf's dtype if wider), task after task, and
+  rounds once to the leaf's dtype. The loop over tasks is a
+  :func:`jax.lax.fori_loop` unrolled by 8, which XLA fuses into one
+  elementwise pass per 8 tasks: the leaf is read once, no ``(T, D)``
+  temporary is formed, and a sharded leaf is combined where it lies. Must be
+  called inside ``jax.enable_x64(True)`` when ``coefficients`` is float64.
 
   Args:
     task_grads: pytree whose every leaf has shape ``(T, *shape)``.
@@ -134,33 +226,18 @@ def combine(task_grads: Any, coefficients: jax.Array) -> Any:
     A pytree with leaves of shape ``shape`` and the leaves' dtypes.
   """
 
-  def combine_block(rows, scale_a, scale_b):
-    return jnp.sum((rows * scale_a[:, None]) * scale_b[:, None], axis=0)
-
   def combine_leaf(leaf):
+    leaf = jnp.asarray(leaf)
     accumulation_dtype = jnp.promote_types(leaf.dtype, jnp.float32)
     scale_a, scale_b = _split_into_two_factors(coefficients, accumulation_dtype)
-    rows = jnp.reshape(leaf, (leaf.shape[0], -1)).astype(accumulation_dtype)
-    size = rows.shape[1]
-    num_blocks = size // COMBINE_BLOCK
-    if num_blocks < 2:
-      combined = combine_block(rows, scale_a, scale_b)
-    else:
-      # Block by block (a reduction over the task axis of a whole large leaf
-      # is XLA's slow path on CPU), written in place into the output.
-      def write_block(out, index):
-        start = index * COMBINE_BLOCK
-        chunk = jax.lax.dynamic_slice_in_dim(rows, start, COMBINE_BLOCK, axis=1)
-        block = combine_block(chunk, scale_a, scale_b)
-        return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=0), None
 
-      combined, _ = jax.lax.scan(
-          write_block, jnp.zeros((size,), accumulation_dtype), jnp.arange(num_blocks)
-      )
-      if size > num_blocks * COMBINE_BLOCK:
-        tail = combine_block(rows[:, num_blocks * COMBINE_BLOCK :], scale_a, scale_b)
-        combined = combined.at[num_blocks * COMBINE_BLOCK :].set(tail)
-    return jnp.reshape(combined, leaf.shape[1:]).astype(leaf.dtype)
+    def term(task):
+      return (leaf[task].astype(accumulation_dtype) * scale_a[task]) * scale_b[task]
+
+    combined = jax.lax.fori_loop(
+        1, leaf.shape[0], lambda task, total: total + term(task), term(0), unroll=8
+    )
+    return combined.astype(leaf.dtype)
 
   return jax.tree.map(combine_leaf, task_grads)
 

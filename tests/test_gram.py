@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gradops_jax import gram as gram_lib
 from tests import cases
@@ -43,20 +44,52 @@ def test_float64_gram_is_accurate_where_float32_gram_and_qr_are_not():
   assert error_qr > 100 * error64 and error32 > 100 * error64
 
 
-def test_blocked_gram_and_combine_on_large_leaves():
-  """Leaves larger than a block go through the scanned paths (with a tail)."""
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (),  # scalar parameter
+        (7, 5301),  # blocks of whole rows
+        (2, 3, 50, 70),  # blocks of several trailing axes
+        (40000,),  # last axis split into blocks that divide it
+        (30011,),  # prime length: whole blocks and a remainder
+        (2, 30011),
+    ],
+)
+def test_blocked_gram_and_combine_on_every_block_layout(shape):
+  """Both forms of the Gram pass (scanned, partitionable) and the combine are exact."""
   rng = np.random.default_rng(5)
-  matrix = rng.standard_normal((3, 7 * 5301)).astype(np.float32)  # 37107 columns
-  tree = {"big": jnp.asarray(matrix.reshape(3, 7, -1)), "small": jnp.asarray(matrix[:, :10])}
+  size = int(np.prod(shape))
+  matrix = rng.standard_normal((3, size)).astype(np.float32)
+  tree = {"leaf": jnp.asarray(matrix.reshape(3, *shape)), "small": jnp.asarray(matrix[:, :1])}
   exact = matrix.astype(np.float64)
   with jax.enable_x64(True):
     gram = np.asarray(jax.jit(gram_lib.task_gram, static_argnums=1)(tree, 3))
     coefficients = jnp.asarray([0.5, -2.0, 1e-3])
     combined = jax.jit(gram_lib.combine)(tree, coefficients)
-  expected_gram = exact @ exact.T + exact[:, :10] @ exact[:, :10].T
-  np.testing.assert_allclose(gram, expected_gram, rtol=1e-13)
+    leaf_grams = [
+        np.asarray(jax.jit(form)(tree["leaf"]))
+        for form in (gram_lib._scanned_leaf_gram, gram_lib._partitionable_leaf_gram)
+    ]
+  expected_gram = exact @ exact.T + exact[:, :1] @ exact[:, :1].T
+  # float64 summation error of a dot product, bounded by |g_i| |g_j| (Cauchy-Schwarz).
+  norms = np.sqrt(np.diag(expected_gram))
+  np.testing.assert_array_less(np.abs(gram - expected_gram), 1e-13 * np.outer(norms, norms))
+  leaf_norms = np.linalg.norm(exact, axis=1)
+  for leaf_gram in leaf_grams:
+    np.testing.assert_array_less(
+        np.abs(leaf_gram - exact @ exact.T), 1e-13 * np.outer(leaf_norms, leaf_norms) + 1e-300)
   expected = np.asarray(coefficients) @ exact
+  assert combined["leaf"].shape == shape
   np.testing.assert_allclose(
-      np.asarray(combined["big"], np.float64).ravel(), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+      np.asarray(combined["leaf"], np.float64).ravel(), expected, rtol=0,
+      atol=1e-6 * np.abs(expected).max(),
   )
-  assert combined["big"].shape == (7, matrix.shape[1] // 7)
+
+
+def test_numpy_leaves_outside_jit():
+  grads = {"w": np.array([[1.0, 0.0], [-1.0, 1.0]], np.float32)}
+  with jax.enable_x64(True):
+    gram = gram_lib.task_gram(grads, 2)
+    combined = gram_lib.combine(grads, jnp.asarray([0.5, 2.0]))
+  np.testing.assert_array_equal(gram, grads["w"].astype(np.float64) @ grads["w"].T.astype(np.float64))
+  np.testing.assert_array_equal(combined["w"], [-1.5, 2.0])
