@@ -2,7 +2,7 @@
 
 Two regression tasks share a trunk; their targets pull the trunk in partly
 opposite directions. Each step computes the two task gradients with
-``value_and_task_grads`` and lets ``gradops`` deconflict them. Run with
+``nnx_value_and_task_grads`` and lets ``gradops`` deconflict them. Run with
 ``python examples/quickstart.py``; it prints both task losses falling.
 """
 
@@ -35,7 +35,7 @@ def train_step(model, optimizer, x, y):
   def task_losses(model):
     return jnp.mean((model(x) - y) ** 2, axis=0)  # shape (2,): one loss per task
 
-  losses, task_grads = gradops_jax.value_and_task_grads(task_losses)(model)
+  losses, task_grads = gradops_jax.nnx_value_and_task_grads(task_losses)(model)
   optimizer.update(model, task_grads)
   return losses
 

@@ -1,5 +1,6 @@
 """gradops_jax: multi-task gradient deconfliction as optax transforms."""
 
+from gradops_jax.accumulation import task_multi_steps
 from gradops_jax.gradops import GradOPSSolution
 from gradops_jax.gradops import GradOPSState
 from gradops_jax.gradops import gradops
@@ -17,8 +18,10 @@ from gradops_jax.methods.nash_mtl import scale_by_nash_mtl
 from gradops_jax.methods.pcgrad import PCGradState
 from gradops_jax.methods.pcgrad import scale_by_pcgrad
 from gradops_jax.methods.upgrad import scale_by_upgrad
+from gradops_jax.partition import aggregate_shared
 from gradops_jax.solvers import min_norm_simplex_weights
 from gradops_jax.solvers import project_onto_simplex
+from gradops_jax.task_gradients import nnx_value_and_task_grads
 from gradops_jax.task_gradients import value_and_task_grads
 
 __version__ = "0.1.0"
@@ -28,9 +31,11 @@ __all__ = (
     "GradOPSState",
     "GradVacState",
     "PCGradState",
+    "aggregate_shared",
     "gradops",
     "gradops_solve",
     "min_norm_simplex_weights",
+    "nnx_value_and_task_grads",
     "project_onto_simplex",
     "scale_by_aligned_mtl",
     "scale_by_cagrad",
@@ -43,5 +48,6 @@ __all__ = (
     "scale_by_nash_mtl",
     "scale_by_pcgrad",
     "scale_by_upgrad",
+    "task_multi_steps",
     "value_and_task_grads",
 )
