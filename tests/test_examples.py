@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import numpy as np
+
 
 def test_quickstart_losses_fall(capsys):
   path = pathlib.Path(__file__).parents[1] / "examples" / "quickstart.py"
@@ -13,3 +15,24 @@ def test_quickstart_losses_fall(capsys):
   lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
   first = [float(v) for v in lines[0].split()[-2:]]
   assert all(f < 0.5 * s for f, s in zip(map(float, final), first))
+
+
+def _load_example(name):
+  path = pathlib.Path(__file__).parents[1] / "examples" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_diagnostics_callback_logs_every_step_and_plots(tmp_path):
+  diagnostics = _load_example("diagnostics")
+  out = tmp_path / "diagnostics.png"
+  log = diagnostics.main(steps=40, alpha=-1.0, out=out)
+  data = log.arrays()
+  assert data["weights"].shape == (40, 3) and data["projected"].shape == (40, 3)
+  assert data["cosine"].shape == (40, 3, 3)
+  np.testing.assert_allclose(np.diagonal(data["cosine"], axis1=1, axis2=2), 1.0, rtol=1e-6)
+  assert np.all(data["weights"] >= 0) and data["projected"].any()
+  assert np.all(data["losses"][-1] < data["losses"][0])
+  assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
