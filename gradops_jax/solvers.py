@@ -24,6 +24,12 @@ def project_onto_simplex(v: jax.Array) -> jax.Array:
   Returns:
     The projection, a ``(T,)`` vector of non-negative entries summing to one.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gradops_jax import project_onto_simplex
+    >>> project_onto_simplex(jnp.array([0.5, 1.5, -1.0])).tolist()
+    [0.0, 1.0, 0.0]
+
   References:
     Duchi et al., `Efficient Projections onto the l1-Ball for Learning in High
     Dimensions <https://doi.org/10.1145/1390156.1390191>`_, ICML 2008.
@@ -92,6 +98,13 @@ def min_norm_simplex_weights(
   Returns:
     ``(T,)`` non-negative weights summing to one. When every gradient is zero,
     the uniform weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gradops_jax import min_norm_simplex_weights
+    >>> g = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+    >>> [round(w, 6) for w in min_norm_simplex_weights(g @ g.T).tolist()]
+    [0.8, 0.2]
 
   References:
     Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
