@@ -19,7 +19,7 @@ def test_quickstart_losses_fall(capsys):
 
 def _load_example(name):
   path = pathlib.Path(__file__).parents[1] / "examples" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
+  spec = importlib.util.spec_from_file_location(name.replace("/", "_"), path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -36,3 +36,17 @@ def test_diagnostics_callback_logs_every_step_and_plots(tmp_path):
   assert np.all(data["weights"] >= 0) and data["projected"].any()
   assert np.all(data["losses"][-1] < data["losses"][0])
   assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_toy_trade_off_quick(tmp_path):
+  trade_off = _load_example("toy/trade_off")
+  paths, finals, front = trade_off.main(steps=60, out_dir=tmp_path)
+  assert set(paths) == set(trade_off.METHODS)
+  for path in paths.values():
+    assert path.shape == (3, 61, 2) and np.all(np.isfinite(path))
+    np.testing.assert_allclose(path[:, 0], np.asarray(trade_off.INITIAL_POINTS, np.float32))
+  # Two tasks: GradOPS with alpha = 0 is PCGrad (Section 3.1 of the paper).
+  np.testing.assert_allclose(paths["GradOPS a=0"], paths["PCGrad"], rtol=1e-5, atol=1e-6)
+  assert front.ndim == 2 and np.all(np.diff(front[:, 0]) >= 0) and np.all(np.diff(front[:, 1]) < 0)
+  for name in ("RESULTS.md", "trajectories.png", "objective_space.png"):
+    assert (tmp_path / name).stat().st_size > 0
