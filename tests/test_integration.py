@@ -257,6 +257,27 @@ def test_plain_multi_steps_cannot_hold_stacked_gradients():
     tx.update(grads, tx.init(params), params)
 
 
+def test_aggregator_vmapped_inside_a_scan():
+  """scan(vmap(step)), the supported way to batch runs (the float64 scope is local)."""
+  params, grads = _toy_problem()
+  batch = jax.tree.map(lambda g: jnp.stack([g, g.at[0].multiply(3.0)]), grads)
+  tx = gradops_jax.scale_by_gradops(NUM_TASKS, alpha=-1.0)
+  states = jax.vmap(tx.init)(jax.tree.map(lambda p: jnp.stack([p, p]), params))
+
+  def body(states, _):
+    updates, states = jax.vmap(tx.update)(batch, states)
+    return states, updates
+
+  _, updates = jax.jit(lambda states: jax.lax.scan(body, states, length=2))(states)
+  for index in range(2):
+    single = jax.tree.map(lambda g, index=index: g[index], batch)
+    expected, _ = tx.update(single, tx.init(params), params)
+    for step in range(2):
+      chex.assert_trees_all_close(
+          jax.tree.map(lambda u, step=step, index=index: u[step, index], updates), expected,
+          rtol=1e-5, atol=1e-7)
+
+
 # -- Linen and TrainState -------------------------------------------------------------
 
 
