@@ -269,6 +269,74 @@ def bench_end_to_end(width, num_tasks, batch, repeats):
           "step_ratio": full / baseline, "aggregation_share": max(full - backward, 0.0) / full}
 
 
+def _towers_model(width, num_tasks, seed=0):
+  """A shared 2-layer trunk and one (width x width + width x 1) tower per task."""
+  keys = iter(jax.random.split(jax.random.key(seed), 2 + 2 * num_tasks))
+  params = {"trunk": {name: jax.random.normal(next(keys), (width, width)) / width**0.5 for name in ("w1", "w2")},
+            "towers": [{"w": jax.random.normal(next(keys), (width, width)) / width**0.5,
+                        "out": jax.random.normal(next(keys), (width, 1)) / width**0.5} for _ in range(num_tasks)]}
+
+  def task_losses(params, x, y):
+    hidden = jnp.tanh(jnp.tanh(x @ params["trunk"]["w1"]) @ params["trunk"]["w2"])
+    outputs = [jnp.tanh(hidden @ tower["w"]) @ tower["out"] for tower in params["towers"]]
+    return jnp.mean((jnp.concatenate(outputs, axis=-1) - y) ** 2, axis=0)
+
+  return params, task_losses
+
+
+def bench_shared_partition(width, tasks, batch, repeats):
+  """Aggregating the whole model vs the shared trunk only (heads summed)."""
+  rows = []
+  for num_tasks in tasks:
+    params, task_losses = _towers_model(width, num_tasks)
+    x = jax.random.normal(jax.random.key(1), (batch, width))
+    y = jax.random.normal(jax.random.key(2), (batch, num_tasks))
+    _, grads = jax.jit(gradops_jax.value_and_task_grads(task_losses))(params, x, y)
+    shared = {"trunk": {"w1": True, "w2": True}, "towers": [{"w": False, "out": False}] * num_tasks}
+    whole = gradops_jax.scale_by_gradops(num_tasks)
+    partitioned = gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(num_tasks), num_tasks, shared)
+    whole_ms = median_time(aggregator_step(whole, params), grads, repeats=repeats)
+    shared_ms = median_time(aggregator_step(partitioned, params), grads, repeats=repeats)
+    rows.append({"width": width, "T": num_tasks, "whole_model_ms": 1e3 * whole_ms,
+                 "shared_only_ms": 1e3 * shared_ms, "ratio": shared_ms / whole_ms})
+  return rows
+
+
+def bench_task_gradients(width, num_tasks, batch, repeats):
+  """Per-task gradients: our mapped VJP vs a vmapped VJP, jax.jacrev and T jax.grad calls.
+
+  Times the gradients alone, and a whole step (gradients, GradOPS, Adam) with
+  our mapped VJP and with the vmapped one.
+  """
+  params, task_losses = _towers_model(width, num_tasks)
+  x = jax.random.normal(jax.random.key(1), (batch, width))
+  y = jax.random.normal(jax.random.key(2), (batch, num_tasks))
+
+  def vmapped_vjp(p):
+    losses, vjp_fn = jax.vjp(lambda q: task_losses(q, x, y), p)
+    return jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))[0]
+
+  methods = {
+      "mapped_vjp": lambda p: gradops_jax.value_and_task_grads(task_losses)(p, x, y)[1],
+      "vmapped_vjp": vmapped_vjp,
+      "jacrev": lambda p: jax.jacrev(task_losses)(p, x, y),
+      "separate_grads": lambda p: jax.tree.map(
+          lambda *g: jnp.stack(g),
+          *[jax.grad(lambda q, i=i: task_losses(q, x, y)[i])(p) for i in range(num_tasks)]),
+  }
+  row = {"width": width, "T": num_tasks, "batch": batch}
+  for name, fn in methods.items():
+    row[f"{name}_ms"] = 1e3 * median_time(jax.jit(fn), params, repeats=repeats)
+  tx = gradops_jax.gradops(1e-3, num_tasks)
+  state = tx.init(params)
+  for name in ("mapped_vjp", "vmapped_vjp"):
+    def step(p, s, grads_fn=methods[name]):
+      updates, s = tx.update(grads_fn(p), s, p)
+      return optax.apply_updates(p, updates), s
+    row[f"step_{name}_ms"] = 1e3 * median_time(jax.jit(step), params, state, repeats=repeats)
+  return row
+
+
 def markdown(results):
   lines = [f"# gradops_jax benchmarks ({results['mode']})", "",
            f"Machine: {results['machine']}", ""]
@@ -303,6 +371,17 @@ def markdown(results):
             f"{e['gradops_step_ms']:.2f} ms vs summed loss + adam {e['summed_adam_step_ms']:.2f} ms "
             f"(ratio {e['step_ratio']:.2f}); per-task backward alone {e['task_backward_ms']:.2f} ms, "
             f"so aggregation + Adam is {100 * e['aggregation_share']:.0f}% of the step."]
+  lines += ["", "## 7. Shared trunk only (`aggregate_shared`) vs the whole model", "",
+            "| width | T | whole model ms | shared only ms | ratio |", "|---|---|---|---|---|"]
+  lines += [f"| {r['width']} | {r['T']} | {r['whole_model_ms']:.2f} | {r['shared_only_ms']:.2f} | {r['ratio']:.2f} |"
+            for r in results["shared_partition"]]
+  g = results["task_gradients"]
+  lines += ["", f"## 8. Per-task gradients (trunk + towers model, width {g['width']}, T={g['T']}, batch {g['batch']})", "",
+            "| gradients | ms | whole step (+ GradOPS + Adam) ms |", "|---|---|---|",
+            f"| mapped VJP (`value_and_task_grads`) | {g['mapped_vjp_ms']:.2f} | {g['step_mapped_vjp_ms']:.2f} |",
+            f"| vmapped VJP | {g['vmapped_vjp_ms']:.2f} | {g['step_vmapped_vjp_ms']:.2f} |",
+            f"| `jax.jacrev` | {g['jacrev_ms']:.2f} | |",
+            f"| T separate `jax.grad` | {g['separate_grads_ms']:.2f} | |"]
   return "\n".join(lines) + "\n"
 
 
@@ -365,6 +444,8 @@ def main(argv=None):
   results["memory"] = bench_memory(m["memory_size"], [2, 3, 8])
   results["compile"] = bench_compile(m["compile_leaves"], m["compile_steps"])
   results["end_to_end"] = bench_end_to_end(m["width"], 3, 256, m["repeats"])
+  results["shared_partition"] = bench_shared_partition(m["width"], [3, 8], 256, m["repeats"])
+  results["task_gradients"] = bench_task_gradients(m["width"], 3, 256, m["repeats"])
   table = markdown(results)
   print(table)
   args.out.mkdir(parents=True, exist_ok=True)
