@@ -140,3 +140,20 @@ def test_auc_matches_the_pairwise_definition():
   pairs = [(p, n) for p in scores[labels] for n in scores[~labels]]
   expected = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
   assert train_module.auc(labels.astype(np.float32), scores) == pytest.approx(expected)
+
+
+def test_alpha_sweep_and_weight_traces(tmp_path):
+  train_module = _load("train")
+  splits = data.split_from_rows(
+      data.parse_rows(_lines(_rows(2048, 8)), "train"), data.parse_rows(_lines(_rows(400, 9)), "test"))
+  alphas, gains = train_module.alpha_sweep(splits, [-1.0, 0.0, 1.0], epochs=1, seeds=1)
+  assert gains.shape == (3, 4) and np.all(np.isfinite(gains))
+  np.testing.assert_allclose(gains[:, 3], gains[:, :3].mean(axis=1))
+  traces = train_module.weight_traces(splits, (1.0, 0.0), epochs=1)
+  assert traces[1.0].shape == (2, 3)  # 2 full batches of 1024 rows, 3 task weights
+  # alpha = 0 weighs every task that has a non-zero projected gradient by 1 (Eq. 5).
+  assert set(np.unique(traces[0.0])) <= {0.0, 1.0}
+  train_module.plot_sweep(alphas, gains, tmp_path / "sweep.png")
+  train_module.plot_traces(traces, tmp_path / "traces.png")
+  assert (tmp_path / "sweep.png").stat().st_size > 0 and (tmp_path / "traces.png").stat().st_size > 0
+  assert "| -1 |" in train_module.sweep_markdown(alphas, gains, 1, 1, "x")

@@ -3,6 +3,7 @@
     python examples/census/train.py                       # the paper's 200 epochs, 5 seeds
     python examples/census/train.py --epochs 10 --seeds 3 # what RESULTS.md reports, if so stated
     python examples/census/train.py --quick               # seconds: 4,000 rows, 2 epochs, 1 seed
+    python examples/census/train.py --sweep --epochs 3 --seeds 2  # Appendix C: alpha sweep, weight traces
 
 Model, as Section 4.1 of the paper reads to us: a shared trunk of two fully
 connected ReLU layers of 192 units, one dropout layer (p = 0.3) after it, and
@@ -122,8 +123,12 @@ def evaluate(model, split, tasks):
   return [auc(split.labels[:, task], logits[:, k]) for k, task in enumerate(tasks)]
 
 
-def train_run(train, validation, test, aggregator, tasks, epochs, seed, batch=1024):
-  """One network on ``tasks``; test AUCs at the best validation epoch."""
+def train_run(train, validation, test, aggregator, tasks, epochs, seed, batch=1024, weights_trace=None):
+  """One network on ``tasks``; test AUCs at the best validation epoch.
+
+  With a list as ``weights_trace``, appends the aggregator's last weights
+  (``GradOPSState.weights``) after every step.
+  """
   model = CensusNet(train.features.shape[1], len(tasks), nnx.Rngs(seed, dropout=seed + 1))
   optimizer = make_optimizer(model, aggregator, len(tasks))
   rng = np.random.default_rng(seed)
@@ -134,6 +139,8 @@ def train_run(train, validation, test, aggregator, tasks, epochs, seed, batch=10
     for start in range(0, len(order) - batch + 1, batch):  # full batches only: one compilation
       index = order[start:start + batch]
       train_step(model, optimizer, jnp.asarray(features[index]), jnp.asarray(labels[index]))
+      if weights_trace is not None:
+        weights_trace.append(np.asarray(optax.tree.get(optimizer.opt_state, "weights")))
     valid = evaluate(model, validation, tasks)
     if np.mean(valid) > best[0]:
       best = (np.mean(valid), evaluate(model, test, tasks))
@@ -185,6 +192,80 @@ def markdown(rows, epochs, seeds, wall, command, quick):
   return "\n".join(lines) + "\n"
 
 
+def alpha_sweep(splits, alphas, epochs, seeds):
+  """Test AUC gains of GradOPS over uniform scaling for each alpha (Appendix C.2).
+
+  Returns ``(alphas, gains)`` with ``gains`` of shape ``(len(alphas), 4)``:
+  Income, Marital, Education and their average, means over seeds.
+  """
+  uniform = np.mean([run_method("Uniform scaling", splits, epochs, seed) for seed in range(seeds)], axis=0)
+  gains = []
+  for alpha in tqdm(alphas, desc="alpha", disable=None):
+    scores = np.mean([train_run(*splits, gradops_jax.scale_by_gradops(NUM_TASKS, alpha=float(alpha)),
+                                list(range(NUM_TASKS)), epochs, seed) for seed in range(seeds)], axis=0)
+    gains.append(np.append(scores - uniform, np.mean(scores - uniform)))
+  return np.asarray(alphas, np.float64), np.asarray(gains)
+
+
+def weight_traces(splits, alphas, epochs, seed=0):
+  """``{alpha: (steps, 3) GradOPS weights after every step}`` (Appendix C, Figure 7)."""
+  traces = {}
+  for alpha in alphas:
+    trace = []
+    train_run(*splits, gradops_jax.scale_by_gradops(NUM_TASKS, alpha=alpha), list(range(NUM_TASKS)),
+              epochs, seed, weights_trace=trace)
+    traces[alpha] = np.stack(trace)
+  return traces
+
+
+def plot_sweep(alphas, gains, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), sharex=True)
+  for ax, column, title in zip(axes, range(4), (*census_data.TASKS, "Average")):
+    ax.bar(alphas, 100 * gains[:, column], width=0.8, color=np.where(gains[:, column] >= 0, "tab:green", "tab:red"))
+    ax.axhline(0.0, color="black", lw=0.5)
+    ax.set_title(title)
+    ax.set_xlabel("alpha")
+  axes[0].set_ylabel("test AUC gain over uniform (x 1e-2)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_traces(traces, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [alpha for alpha in (1.0, -1.0, 3.0, -3.0) if alpha in traces]
+  fig, axes = plt.subplots(len(rows), NUM_TASKS, figsize=(12, 2.6 * len(rows)), sharex=True, squeeze=False)
+  for row, alpha in enumerate(rows):
+    for task in range(NUM_TASKS):
+      ax = axes[row, task]
+      for shown, style in ((alpha, "-"), (0.0, "--")):
+        if shown in traces:
+          ax.plot(traces[shown][:, task], style, lw=0.8, label=f"alpha = {shown:g}")
+      ax.set_title(f"{census_data.TASKS[task]} weight $w_i$")
+      ax.legend(fontsize=7)
+  for ax in axes[-1]:
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def sweep_markdown(alphas, gains, epochs, seeds, command):
+  lines = [f"# Census-Income, Appendix C.2: test AUC gain of GradOPS over uniform scaling", "",
+           f"Command: `{command}`  ",
+           f"Ran: **{epochs} epoch(s)** (the paper: 200) and **{seeds} seed(s)** per alpha.", "",
+           "| alpha | Income | Marital | Education | Average |", "|---|---|---|---|---|"]
+  lines += [f"| {a:g} | " + " | ".join(f"{g:+.4f}" for g in row) + " |" for a, row in zip(alphas, gains)]
+  return "\n".join(lines) + "\n"
+
+
 def main(epochs=200, seeds=5, methods=METHODS, quick=False, out=HERE / "RESULTS.md", cache_dir=None):
   start = time.perf_counter()
   splits = census_data.load(cache_dir or census_data.DEFAULT_CACHE)
@@ -202,14 +283,33 @@ def main(epochs=200, seeds=5, methods=METHODS, quick=False, out=HERE / "RESULTS.
   return rows
 
 
+def main_sweep(epochs, seeds, out_dir=HERE, cache_dir=None):
+  """Appendix C: the alpha sweep (Figure 8) and the weight traces (Figure 7)."""
+  out_dir = pathlib.Path(out_dir)
+  splits = census_data.load(cache_dir or census_data.DEFAULT_CACHE)
+  alphas, gains = alpha_sweep(splits, np.arange(-10, 11), epochs, seeds)
+  command = f"python examples/census/train.py --sweep --epochs {epochs} --seeds {seeds}"
+  table = sweep_markdown(alphas, gains, epochs, seeds, command)
+  (out_dir / "ALPHA_SWEEP.md").write_text(table)
+  plot_sweep(alphas, gains, out_dir / "alpha_sweep.png")
+  plot_traces(weight_traces(splits, (1.0, 0.0, -1.0, 3.0, -3.0), epochs), out_dir / "weight_traces.png")
+  print(table)
+  return alphas, gains
+
+
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=200)
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
   parser.add_argument("--quick", action="store_true", help="4,000 rows, 2 epochs, 1 seed")
+  parser.add_argument("--sweep", action="store_true",
+                      help="Appendix C instead: alpha from -10 to 10 against uniform, and weight traces")
   parser.add_argument("--out", type=pathlib.Path, default=HERE / "RESULTS.md")
   args = parser.parse_args()
   if args.quick:
     args.epochs, args.seeds = 2, 1
-  main(args.epochs, args.seeds, args.methods, args.quick, args.out)
+  if args.sweep:
+    main_sweep(args.epochs, args.seeds)
+  else:
+    main(args.epochs, args.seeds, args.methods, args.quick, args.out)
