@@ -88,10 +88,10 @@ def _blocked_gram(leaf: jax.Array, num_inner: int) -> jax.Array:
 
   The task axis is moved between the outer and the inner axes, so that the
   fused reduction over the inner axes forms all :math:`T^2` products of one
-  block while it is in cache and reads the leaf from memory once. The outer
-  partial sums (a few of them per block, float64) are then added up. No axis
-  is merged with another, so a leaf sharded on any axis is reduced where it
-  lies: only partial Gram sums cross devices.
+  block at a time; the outer partial sums (float64) are then added up. No
+  axis is merged with another, so a leaf sharded on any axis is reduced where
+  it lies: only partial Gram sums cross devices. (On CPU, XLA writes the
+  transposed float64 copy out first; see the module docstring.)
   """
   num_outer = leaf.ndim - 1 - num_inner
   order = tuple(range(1, num_outer + 1)) + (0,) + tuple(range(num_outer + 1, leaf.ndim))
@@ -107,10 +107,11 @@ def _scanned_leaf_gram(leaf: jax.Array) -> jax.Array:
   The leaf is read as ``(T, D)`` rows, in blocks of :func:`_block_size`
   columns inside a :func:`jax.lax.scan`, so that each block is read from
   memory once and converted to float64 in cache, where one small matrix
-  product forms its :math:`T^2` inner products (2.5 to 4.5 times faster on
-  CPU than a fused multiply-and-reduce, which XLA does not vectorise as well),
-  with no temporary buffer beyond the block (a dynamic slice of a sharded axis would make XLA
-  gather the leaf, hence :func:`_partitionable_leaf_gram` for sharded leaves).
+  product forms its :math:`T^2` inner products (3 to 4 times faster on CPU
+  than a fused multiply-and-reduce, which XLA vectorises less well), with no
+  temporary buffer beyond the block. A dynamic slice of a sharded axis would
+  make XLA gather the leaf, hence :func:`_partitionable_leaf_gram` for
+  sharded leaves.
   """
   num_tasks = leaf.shape[0]
   rows = jnp.reshape(leaf, (num_tasks, -1))
@@ -140,8 +141,8 @@ def _partitionable_leaf_gram(leaf: jax.Array) -> jax.Array:
   blocks of a size that divides it, into a multiple of its possible shard
   count (:func:`_last_axis_shards`), or, if it has no such divisor near the
   block size, into whole blocks and a remainder (whose slice may move data
-  between devices). One fused reduction over a whole
-  large leaf would re-read it from memory :math:`T^2` times.
+  between devices). One fused reduction over a whole large leaf would re-read
+  it from memory :math:`T^2` times.
   """
   shape = leaf.shape[1:]
   block = _block_size(leaf.shape[0])
