@@ -49,18 +49,6 @@ def is_shared(path):
   return not any(getattr(key, "key", None) == "heads" for key in path)
 
 
-def gradops_state(opt_state):
-  """The GradOPSState inside a (possibly nested) optimiser state."""
-  found = [
-      node
-      for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, gradops_jax.GradOPSState))
-      if isinstance(node, gradops_jax.GradOPSState)
-  ]
-  if len(found) != 1:
-    raise ValueError(f"expected one GradOPSState in the optimiser state, found {len(found)}.")
-  return found[0]
-
-
 class DiagnosticsLog:
   """A per-step callback: ``log(step, losses, opt_state)`` keeps the GradOPS diagnostics."""
 
@@ -69,13 +57,13 @@ class DiagnosticsLog:
     self.fallbacks = 0
 
   def __call__(self, step, losses, opt_state):
-    state = jax.device_get(gradops_state(opt_state))
+    # optax.tree.get finds the one GradOPSState field of each name in the nested state.
     self.steps.append(step)
     self.losses.append(np.asarray(losses))
-    self.weights.append(np.asarray(state.weights))
-    self.projected.append(np.asarray(state.projected))
-    self.cosine.append(np.asarray(state.cosine))
-    self.fallbacks = int(state.fallback_count)
+    self.weights.append(np.asarray(optax.tree.get(opt_state, "weights")))
+    self.projected.append(np.asarray(optax.tree.get(opt_state, "projected")))
+    self.cosine.append(np.asarray(optax.tree.get(opt_state, "cosine")))
+    self.fallbacks = int(np.asarray(optax.tree.get(opt_state, "fallback_count")))
 
   def arrays(self):
     return {name: np.stack(getattr(self, name))
