@@ -40,6 +40,34 @@ def check_finite_hyperparameter(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be finite, got {value!r}.")
 
 
+def check_hyperparameter_range(
+    name: str, value: Any, low: float, high: float = float("inf"),
+    high_inclusive: bool = True,
+) -> None:
+  """Raises ``ValueError`` unless a concrete scalar hyperparameter is in range.
+
+  The range is ``[low, high]`` (or ``[low, high)``); NaN is never in range,
+  and an infinite value is rejected even when ``high`` is infinite. Traced
+  values (under ``optax.inject_hyperparams``) are accepted as they are.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  number = float(value)
+  in_range = low <= number and (number <= high if high_inclusive else number < high)
+  if not (in_range and number != float("inf")):
+    closing = "]" if high_inclusive and high != float("inf") else ")"
+    raise ValueError(f"{name} must be finite and in [{low}, {high}{closing}, got {value!r}.")
+
+
+def check_max_iters(max_iters: Any) -> int:
+  """Returns ``max_iters`` as an int, or raises if it is not a positive int."""
+  if isinstance(max_iters, bool) or not isinstance(max_iters, int):
+    raise TypeError(f"max_iters must be a Python int, got {max_iters!r}.")
+  if max_iters < 1:
+    raise ValueError(f"max_iters must be >= 1, got {max_iters}.")
+  return max_iters
+
+
 def _leaf_description(path, leaf) -> str:
   return (
       f"leaf {jax.tree_util.keystr(path) or '<root>'} with shape "

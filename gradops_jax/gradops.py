@@ -288,8 +288,8 @@ def scale_by_gradops(
     WSDM 2025, Algorithm 1.
   """
   _validate.check_finite_hyperparameter("alpha", alpha)
-  if rank_rtol is not None and not 0 <= rank_rtol < 1:
-    raise ValueError(f"rank_rtol must be in [0, 1), got {rank_rtol!r}.")
+  if rank_rtol is not None:
+    _validate.check_hyperparameter_range("rank_rtol", rank_rtol, 0.0, 1.0, high_inclusive=False)
 
   def init_state():
     return GradOPSState(

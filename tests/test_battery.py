@@ -8,6 +8,7 @@ import pytest
 
 import gradops_jax
 from tests import cases as cases_lib
+from tests.transforms import METHODS
 
 CASES = cases_lib.hard_cases()
 BATTERY_CASES = [
@@ -15,22 +16,6 @@ BATTERY_CASES = [
     "mixed_scales_1e-20_1e20", "huge_1e20", "tiny_1e-20", "more_tasks_than_dims",
     "duplicated", "rank_deficient_sum", "random_T1",
 ]
-
-# name -> (factory(num_tasks), deterministic in the task order?)
-METHODS = {
-    "gradops": (lambda t: gradops_jax.scale_by_gradops(t), True),
-    "gradops_alpha-2": (lambda t: gradops_jax.scale_by_gradops(t, alpha=-2.0), True),
-    "mgda": (gradops_jax.scale_by_mgda, True),
-    "upgrad": (gradops_jax.scale_by_upgrad, True),
-    "pcgrad": (gradops_jax.scale_by_pcgrad, False),
-    "gradvac": (gradops_jax.scale_by_gradvac, False),
-    "imtl_g": (gradops_jax.scale_by_imtl_g, True),
-    "cagrad": (gradops_jax.scale_by_cagrad, True),
-    "conicgrad": (gradops_jax.scale_by_conicgrad, True),
-    "aligned_mtl": (gradops_jax.scale_by_aligned_mtl, True),
-    "nash_mtl": (gradops_jax.scale_by_nash_mtl, True),
-    "linear_scalarization": (gradops_jax.scale_by_linear_scalarization, True),
-}
 
 
 def _update(tx, tree):

@@ -5,84 +5,112 @@ import jax.numpy as jnp
 import pytest
 
 import gradops_jax
+from tests.transforms import METHODS
 
 PARAMS = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+NUM_TASKS = 2
 
 
-def _update(task_grads, params=PARAMS, num_tasks=2):
-  tx = gradops_jax.scale_by_gradops(num_tasks)
-  return jax.jit(tx.update)(task_grads, tx.init(params), params)
+def _update(method, task_grads):
+  tx = METHODS[method][0](NUM_TASKS)
+  return jax.jit(tx.update)(task_grads, tx.init(PARAMS), PARAMS)
 
 
-def test_leaf_without_task_axis():
-  grads = {"dense": {"kernel": jnp.zeros((2, 4, 3)), "bias": jnp.zeros(3)}}
-  with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\].*\(3,\)"):
-    _update(grads)
+def _grads(kernel_shape=(2, 4, 3), bias_shape=(2, 3), bias_dtype=jnp.float32):
+  return {"dense": {"kernel": jnp.zeros(kernel_shape), "bias": jnp.zeros(bias_shape, bias_dtype)}}
 
 
-def test_scalar_leaf_has_no_axis():
-  tx = gradops_jax.scale_by_gradops(2)
+# name -> (task gradients, error type, message pattern naming the leaf and shapes)
+MISUSE = {
+    "missing_task_axis": (
+        _grads(bias_shape=(3,)), ValueError, r"size 2.*\['dense'\]\['bias'\] with shape \(3,\)"),
+    "wrong_num_tasks": (
+        _grads((3, 4, 3), (3, 3)), ValueError, r"size 2.*\['dense'\]\['bias'\] with shape \(3, 3\)"),
+    "leaves_disagree_on_num_tasks": (
+        _grads(bias_shape=(5, 3)), ValueError, r"\['dense'\]\['bias'\] with shape \(5, 3\)"),
+    "integer_leaf": (
+        _grads(bias_dtype=jnp.int32), TypeError, r"\['dense'\]\['bias'\] with shape \(2, 3\) and dtype int32"),
+    "boolean_leaf": (
+        _grads(bias_dtype=bool), TypeError, r"\['dense'\]\['bias'\].*bool"),
+    "structure_differs_from_params": (
+        {"dense": {"kernel": jnp.zeros((2, 4, 3))}}, TypeError, r"structure.*kernel.*bias"),
+    "shape_differs_from_param": (
+        _grads((2, 3, 4)), ValueError, r"\['dense'\]\['kernel'\] with shape \(2, 3, 4\).*\(4, 3\)"),
+}
+
+
+@pytest.mark.parametrize("misuse", sorted(MISUSE))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_misuse_is_a_trace_time_error_naming_the_leaf(method, misuse):
+  task_grads, error, pattern = MISUSE[misuse]
+  with pytest.raises(error, match=pattern):
+    _update(method, task_grads)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_scalar_leaf_has_no_axis(method):
+  tx = METHODS[method][0](NUM_TASKS)
   with pytest.raises(ValueError, match=r"\['s'\].*no axis"):
     tx.update({"s": jnp.zeros(())}, tx.init({"s": jnp.zeros(())}))
 
 
-def test_wrong_number_of_tasks():
-  grads = {"dense": {"kernel": jnp.zeros((3, 4, 3)), "bias": jnp.zeros((3, 3))}}
-  with pytest.raises(ValueError, match=r"size 2.*\['dense'\]\['bias'\].*\(3, 3\)"):
-    _update(grads)
-
-
-def test_leaves_disagree_on_num_tasks():
-  grads = {"dense": {"kernel": jnp.zeros((2, 4, 3)), "bias": jnp.zeros((5, 3))}}
-  with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\] with shape \(5, 3\)"):
-    _update(grads)
-
-
-def test_integer_leaf():
-  grads = {"dense": {"kernel": jnp.zeros((2, 4, 3)), "bias": jnp.zeros((2, 3), jnp.int32)}}
-  with pytest.raises(TypeError, match=r"\['dense'\]\['bias'\].*int32"):
-    _update(grads)
-
-
-def test_structure_differs_from_params():
-  grads = {"dense": {"kernel": jnp.zeros((2, 4, 3))}}
-  with pytest.raises(TypeError, match="structure"):
-    _update(grads)
-
-
-def test_shape_differs_from_param():
-  grads = {"dense": {"kernel": jnp.zeros((2, 3, 4)), "bias": jnp.zeros((2, 3))}}
-  with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\].*\(2, 4, 3\)"):
-    _update(grads)
-
-
-def test_integer_params():
-  with pytest.raises(TypeError, match=r"\['n'\]"):
-    gradops_jax.scale_by_gradops(2).init({"n": jnp.zeros(3, jnp.int32)})
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_integer_params_at_init(method):
+  with pytest.raises(TypeError, match=r"\['n'\] with shape \(3,\) and dtype int32"):
+    METHODS[method][0](NUM_TASKS).init({"n": jnp.zeros(3, jnp.int32)})
 
 
 @pytest.mark.parametrize("num_tasks", [0, -1])
-def test_num_tasks_must_be_positive(num_tasks):
-  with pytest.raises(ValueError, match="num_tasks"):
-    gradops_jax.scale_by_gradops(num_tasks)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_num_tasks_must_be_positive(method, num_tasks):
+  with pytest.raises(ValueError, match="num_tasks must be >= 1"):
+    METHODS[method][0](num_tasks)
 
 
 @pytest.mark.parametrize("num_tasks", [2.0, "2", None, True])
-def test_num_tasks_must_be_int(num_tasks):
-  with pytest.raises(TypeError, match="num_tasks"):
-    gradops_jax.scale_by_gradops(num_tasks)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_num_tasks_must_be_int(method, num_tasks):
+  with pytest.raises(TypeError, match="num_tasks must be a Python int"):
+    METHODS[method][0](num_tasks)
 
 
-@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
-def test_alpha_must_be_finite(alpha):
-  with pytest.raises(ValueError, match="alpha"):
-    gradops_jax.scale_by_gradops(2, alpha=alpha)
+NAN, INF = float("nan"), float("inf")
+# (factory, keyword, bad values, message)
+BAD_HYPERPARAMETERS = [
+    (gradops_jax.scale_by_gradops, "alpha", [NAN, INF, -INF], "alpha must be finite"),
+    (gradops_jax.scale_by_gradops, "rank_rtol", [-1e-3, 1.0, 2.0, NAN, INF], "rank_rtol"),
+    (gradops_jax.scale_by_conicgrad, "c", [-0.1, 1.5, NAN, INF], "c must be finite and in"),
+    (gradops_jax.scale_by_cagrad, "c", [-0.1, NAN, INF], "c must be finite and in"),
+    (gradops_jax.scale_by_gradvac, "beta", [-0.1, 1.5, NAN], "beta must be finite and in"),
+    (gradops_jax.scale_by_linear_scalarization, "weights", [[1.0, NAN], [INF, 1.0]], "weights must be finite"),
+] + [
+    (factory, "tol", [-1e-3, NAN, INF], "tol must be finite and in")
+    for factory in (
+        gradops_jax.scale_by_mgda, gradops_jax.scale_by_upgrad, gradops_jax.scale_by_cagrad,
+        gradops_jax.scale_by_conicgrad, gradops_jax.scale_by_nash_mtl,
+    )
+]
 
 
-@pytest.mark.parametrize("rank_rtol", [-1e-3, 1.0, 2.0])
-def test_rank_rtol_range(rank_rtol):
-  with pytest.raises(ValueError, match="rank_rtol"):
-    gradops_jax.scale_by_gradops(2, rank_rtol=rank_rtol)
+@pytest.mark.parametrize(
+    "factory, keyword, value, message",
+    [(f, k, v, m) for f, k, values, m in BAD_HYPERPARAMETERS for v in values],
+    ids=lambda x: getattr(x, "__name__", str(x)),
+)
+def test_invalid_hyperparameter(factory, keyword, value, message):
+  with pytest.raises(ValueError, match=message):
+    factory(NUM_TASKS, **{keyword: value})
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [gradops_jax.scale_by_mgda, gradops_jax.scale_by_upgrad, gradops_jax.scale_by_cagrad,
+     gradops_jax.scale_by_conicgrad, gradops_jax.scale_by_nash_mtl],
+)
+@pytest.mark.parametrize("max_iters, error", [(0, ValueError), (-5, ValueError), (10.0, TypeError)])
+def test_invalid_max_iters(factory, max_iters, error):
+  with pytest.raises(error, match="max_iters"):
+    factory(NUM_TASKS, max_iters=max_iters)
 
 
 def test_value_and_task_grads_needs_vector_of_losses():

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradops_jax import _validate
 from gradops_jax import aggregation
 from gradops_jax import solvers
 from gradops_jax.gradops import default_rank_rtol
@@ -108,10 +109,9 @@ def scale_by_cagrad(
     Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning
     <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021, Algorithm 1.
   """
-  if not c >= 0:
-    raise ValueError(f"c must be non-negative, got {c!r}.")
-  if tol < 0:
-    raise ValueError(f"tol must be non-negative, got {tol!r}.")
+  _validate.check_hyperparameter_range("c", c, 0.0)
+  _validate.check_hyperparameter_range("tol", tol, 0.0)
+  _validate.check_max_iters(max_iters)
   return aggregation.weighting_aggregator(
       num_tasks,
       lambda gram, input_dtype: cagrad_weights(

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradops_jax import _validate
 from gradops_jax import aggregation
 from gradops_jax import solvers
 from gradops_jax.gradops import default_rank_rtol
@@ -160,10 +161,9 @@ def scale_by_conicgrad(
     Them In a Cone <https://arxiv.org/abs/2502.00217>`_, 2025 (problem
     statement; the derivation is ours).
   """
-  if not 0 <= c <= 1:
-    raise ValueError(f"c must be in [0, 1], got {c!r}.")
-  if tol < 0:
-    raise ValueError(f"tol must be non-negative, got {tol!r}.")
+  _validate.check_hyperparameter_range("c", c, 0.0, 1.0)
+  _validate.check_hyperparameter_range("tol", tol, 0.0)
+  _validate.check_max_iters(max_iters)
   return aggregation.weighting_aggregator(
       num_tasks,
       lambda gram, input_dtype: conicgrad_weights(

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradops_jax import _validate
 from gradops_jax import aggregation
 from gradops_jax.gradops import default_rank_rtol
 from gradops_jax.methods import _surgery
@@ -124,8 +125,7 @@ def scale_by_gradvac(
     Optimization in Massively Multilingual Models
     <https://arxiv.org/abs/2010.05874>`_, ICLR 2021, Algorithm 2.
   """
-  if not 0 <= beta <= 1:
-    raise ValueError(f"beta must be in [0, 1], got {beta!r}.")
+  _validate.check_hyperparameter_range("beta", beta, 0.0, 1.0)
 
   def init_state():
     return GradVacState(

@@ -2,6 +2,7 @@ r"""MGDA: the min-norm point of the convex hull of the task gradients."""
 
 import optax
 
+from gradops_jax import _validate
 from gradops_jax import aggregation
 from gradops_jax import solvers
 
@@ -42,8 +43,8 @@ def scale_by_mgda(
     Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
     <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018, Eq. 3 and Sec. 3.1.
   """
-  if tol < 0:
-    raise ValueError(f"tol must be non-negative, got {tol!r}.")
+  _validate.check_hyperparameter_range("tol", tol, 0.0)
+  _validate.check_max_iters(max_iters)
   return aggregation.weighting_aggregator(
       num_tasks, lambda gram, _: solvers.min_norm_simplex_weights(gram, tol, max_iters)
   )

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradops_jax import _validate
 from gradops_jax import aggregation
 
 RIDGE = 1e-8
@@ -115,8 +116,8 @@ def scale_by_nash_mtl(
     Navon et al., `Multi-Task Learning as a Bargaining Game
     <https://arxiv.org/abs/2202.01017>`_, ICML 2022, Sec. 3.
   """
-  if tol < 0:
-    raise ValueError(f"tol must be non-negative, got {tol!r}.")
+  _validate.check_hyperparameter_range("tol", tol, 0.0)
+  _validate.check_max_iters(max_iters)
   return aggregation.weighting_aggregator(
       num_tasks, lambda gram, _: nash_mtl_weights(gram, tol, max_iters)
   )

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gradops_jax import _validate
 from gradops_jax import aggregation
 from gradops_jax import gram as gram_lib
 from gradops_jax import solvers
@@ -82,8 +83,8 @@ def scale_by_upgrad(
     Quinton and Rey, `Jacobian Descent For Multi-Objective Optimization
     <https://arxiv.org/abs/2406.16232>`_, 2024, Eq. 5 and Proposition 1.
   """
-  if tol < 0:
-    raise ValueError(f"tol must be non-negative, got {tol!r}.")
+  _validate.check_hyperparameter_range("tol", tol, 0.0)
+  _validate.check_max_iters(max_iters)
   return aggregation.weighting_aggregator(
       num_tasks, lambda gram, _: upgrad_weights(gram, tol, max_iters)
   )
