@@ -35,7 +35,11 @@ deterministic, none produces NaN or Inf from finite input):
   singular value at most ``rank_rtol`` are treated as not in the span: they
   are indistinguishable from rounding of the inputs. The default ``rank_rtol``
   is :math:`10 \sqrt{T}\,\epsilon`, with :math:`\epsilon` the machine epsilon
-  of the least precise gradient dtype (about 2e-6 for three float32 tasks).
+  of the least precise gradient dtype (about 2e-6 for three float32 tasks),
+  but at least :math:`\sqrt{\epsilon_{64}} \approx 1.5 \times 10^{-8}`:
+  the solve sees lengths only through the float64 Gram matrix, where a
+  residual of relative length :math:`r` is a difference of order :math:`r^2`,
+  so float64 gradients cannot resolve shorter residuals than that.
   In Gram-Schmidt terms: a :math:`u_j` of Eq. 1 shorter than ``rank_rtol``
   times :math:`\|g_j\|` is dropped.
 * **Numerically zero projections.** A projected :math:`g'_i` shorter than
@@ -116,8 +120,14 @@ class GradOPSState(NamedTuple):
 
 
 def default_rank_rtol(num_tasks: int, dtype: Any) -> float:
-  r"""Default rank tolerance :math:`10 \sqrt{T}\,\epsilon_{\text{dtype}}`."""
-  return float(10.0 * num_tasks**0.5 * jnp.finfo(dtype).eps)
+  r"""Default rank tolerance :math:`10 \sqrt{T}\,\max(\epsilon_{\text{dtype}}, \sqrt{\epsilon_{64}})`.
+
+  The floor :math:`\sqrt{\epsilon_{64}}` is the shortest relative residual
+  that the float64 Gram matrix resolves (see the module docstring); it only
+  matters for float64 gradients.
+  """
+  resolution = max(float(jnp.finfo(dtype).eps), float(jnp.finfo(jnp.float64).eps) ** 0.5)
+  return float(10.0 * num_tasks**0.5 * resolution)
 
 
 def _project_one_task(
@@ -265,7 +275,8 @@ def scale_by_gradops(
       < 0 dominated ones. May be changed during training with
       ``optax.inject_hyperparams(scale_by_gradops, static_args=('num_tasks',))``.
     rank_rtol: rank tolerance on unit-normalised gradients; default
-      :math:`10\sqrt{T}\,\epsilon` of the least precise gradient dtype.
+      :math:`10\sqrt{T}\,\epsilon` of the least precise gradient dtype
+      (see :func:`default_rank_rtol`).
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a

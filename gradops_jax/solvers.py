@@ -43,30 +43,43 @@ def project_onto_simplex(v: jax.Array) -> jax.Array:
   return jnp.maximum(v - threshold, 0.0)
 
 
-def _simplex_gap(gram: jax.Array, weights: jax.Array) -> jax.Array:
-  """Frank-Wolfe duality gap of ``min w^T K w`` over the simplex (halved)."""
-  gradient = gram @ weights
-  return weights @ gradient - jnp.min(gradient)
+def _project_onto_scaled_simplex(v: jax.Array, s: jax.Array) -> jax.Array:
+  r"""Euclidean projection onto :math:`\{a \ge 0,\ s^\top a = 1\}`, :math:`s > 0`.
 
-
-def _polish_on_support(gram: jax.Array, weights: jax.Array) -> jax.Array:
-  """Solves the KKT system of the min-norm problem on the support of ``weights``.
-
-  On the right support the constrained minimiser solves the linear system
-  ``K_S w_S = mu 1, 1^T w_S = 1``; this recovers it to rounding from an
-  iterate that has identified the support, which the first-order iterations
-  reach long before they reach the minimiser itself.
+  The projection is :math:`\max(v - \tau s, 0)`; sorting the breakpoints
+  :math:`v_i / s_i` finds :math:`\tau` exactly, as for the plain simplex.
   """
-  num_tasks = gram.shape[0]
-  support = weights > 0
+  order = jnp.argsort(-(v / s))
+  v_sorted, s_sorted = v[order], s[order]
+  thresholds = (jnp.cumsum(s_sorted * v_sorted) - 1.0) / jnp.cumsum(s_sorted**2)
+  support = v_sorted - thresholds * s_sorted > 0
+  rho = jnp.maximum(jnp.sum(support), 1)
+  return jnp.maximum(v - thresholds[rho - 1] * s, 0.0)
+
+
+def _scaled_simplex_gap(cosine, scales, a):
+  """Frank-Wolfe gap of ``min a^T C a`` over ``{a >= 0, s^T a = 1}`` (halved)."""
+  gradient = cosine @ a
+  return a @ gradient - jnp.min(gradient / scales)
+
+
+def _polish_on_support(cosine, scales, a):
+  """Solves the KKT system ``C_S a_S = mu s_S, s^T a = 1`` on the support of ``a``.
+
+  On the right support this recovers the constrained minimiser to rounding
+  from an iterate that has identified the support, which the first-order
+  iterations reach long before they reach the minimiser itself.
+  """
+  num_tasks = cosine.shape[0]
+  support = a > 0
   both = support[:, None] & support[None, :]
-  system = jnp.zeros((num_tasks + 1, num_tasks + 1), gram.dtype)
+  system = jnp.zeros((num_tasks + 1, num_tasks + 1), cosine.dtype)
   system = system.at[:num_tasks, :num_tasks].set(
-      jnp.where(both, gram, jnp.diag((~support).astype(gram.dtype)))
+      jnp.where(both, cosine, jnp.diag((~support).astype(cosine.dtype)))
   )
-  system = system.at[:num_tasks, num_tasks].set(support.astype(gram.dtype))
-  system = system.at[num_tasks, :num_tasks].set(support.astype(gram.dtype))
-  rhs = jnp.zeros((num_tasks + 1,), gram.dtype).at[num_tasks].set(1.0)
+  system = system.at[:num_tasks, num_tasks].set(jnp.where(support, scales, 0.0))
+  system = system.at[num_tasks, :num_tasks].set(jnp.where(support, scales, 0.0))
+  rhs = jnp.zeros((num_tasks + 1,), cosine.dtype).at[num_tasks].set(1.0)
   solution = jnp.linalg.pinv(system, hermitian=True) @ rhs
   return jnp.where(support, solution[:num_tasks], 0.0)
 
@@ -85,8 +98,8 @@ def min_norm_simplex_weights(
 
   with accelerated projected gradient (FISTA with adaptive restart) on the
   Gram matrix scaled to unit largest diagonal, followed by an exact solve of
-  the KKT system on the identified support, kept only when it is feasible and
-  at least as good. Iterations stop when the Frank-Wolfe gap
+  the KKT system on the identified support, kept when it is feasible and
+  at least as good or within the tolerance. Iterations stop when the Frank-Wolfe gap
   :math:`w^\top K w - \min_i (K w)_i` is at most ``tol`` times the largest
   squared gradient norm, or after ``max_iters`` steps.
 
@@ -96,8 +109,7 @@ def min_norm_simplex_weights(
     max_iters: iteration cap.
 
   Returns:
-    ``(T,)`` non-negative weights summing to one. When every gradient is zero,
-    the uniform weights.
+    ``(T,)`` non-negative weights summing to one.
 
   Example:
     >>> import jax.numpy as jnp
@@ -114,40 +126,53 @@ def min_norm_simplex_weights(
     optimization <https://doi.org/10.1016/j.crma.2012.03.014>`_, 2012.
   """
   num_tasks = gram.shape[0]
-  scale = jnp.max(jnp.diag(gram))
-  safe_scale = jnp.where(scale > 0, scale, 1.0)
-  scaled = gram / safe_scale
-  lipschitz = jnp.maximum(jnp.trace(scaled), jnp.finfo(gram.dtype).tiny)
-  uniform = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+  zero = norms == 0
+  safe_norms = jnp.where(zero, 1.0, norms)
+  cosine = jnp.clip(gram / (safe_norms[:, None] * safe_norms[None, :]), -1.0, 1.0)
+  cosine = jnp.where(jnp.eye(num_tasks, dtype=bool), 1.0, cosine)
+  scales = jnp.min(safe_norms) / safe_norms
+  lipschitz = jnp.maximum(jnp.linalg.norm(cosine, ord=2), jnp.finfo(gram.dtype).tiny)
+  start = jnp.full((num_tasks,), 1.0, gram.dtype) / jnp.sum(scales)
+
+  def objective(a):
+    return a @ cosine @ a
 
   def cond_fn(carry):
-    step, weights, _, _ = carry
-    return (step < max_iters) & (_simplex_gap(scaled, weights) > tol)
+    step, a, _, _ = carry
+    return (step < max_iters) & (_scaled_simplex_gap(cosine, scales, a) > tol)
 
   def body_fn(carry):
-    step, weights, momentum_point, momentum = carry
-    candidate = project_onto_simplex(
-        momentum_point - (scaled @ momentum_point) / lipschitz
+    step, a, momentum_point, momentum = carry
+    candidate = _project_onto_scaled_simplex(
+        momentum_point - (cosine @ momentum_point) / lipschitz, scales
     )
     next_momentum = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * momentum**2))
-    extrapolated = candidate + ((momentum - 1.0) / next_momentum) * (candidate - weights)
+    extrapolated = candidate + ((momentum - 1.0) / next_momentum) * (candidate - a)
     # Adaptive restart (O'Donoghue and Candès, 2015) when the objective rises.
-    restart = candidate @ scaled @ candidate > weights @ scaled @ weights
+    restart = objective(candidate) > objective(a)
     next_momentum = jnp.where(restart, 1.0, next_momentum)
     extrapolated = jnp.where(restart, candidate, extrapolated)
     return step + 1, candidate, extrapolated, next_momentum
 
-  init = (jnp.array(0), uniform, uniform, jnp.array(1.0, gram.dtype))
-  _, weights, _, _ = jax.lax.while_loop(cond_fn, body_fn, init)
+  init = (jnp.array(0), start, start, jnp.array(1.0, gram.dtype))
+  _, a, _, _ = jax.lax.while_loop(cond_fn, body_fn, init)
 
-  polished = _polish_on_support(scaled, weights)
+  polished = _polish_on_support(cosine, scales, a)
   polished_ok = (
       jnp.all(polished >= 0)
-      & (jnp.abs(jnp.sum(polished) - 1.0) <= 1e-9)
-      & (_simplex_gap(scaled, polished) <= _simplex_gap(scaled, weights))
+      & (jnp.abs(scales @ polished - 1.0) <= 1e-9)
+      # Within tolerance is enough: the exact solution's gap is rounding.
+      & (
+          _scaled_simplex_gap(cosine, scales, polished)
+          <= jnp.maximum(_scaled_simplex_gap(cosine, scales, a), tol)
+      )
   )
-  weights = jnp.where(polished_ok, polished / jnp.sum(polished), weights)
-  return jnp.where(scale > 0, weights, uniform)
+  a = jnp.where(polished_ok, polished, a)
+  weights = scales * a
+  weights = weights / jnp.sum(weights)
+  zero_weights = zero.astype(gram.dtype) / jnp.maximum(jnp.sum(zero), 1)
+  return jnp.where(jnp.any(zero), zero_weights, weights)
 
 
 def _polish_nonnegative(quadratic, linear, v):
@@ -177,7 +202,7 @@ def nonnegative_quadratic_minimizer(
 
   by accelerated projected gradient (FISTA with adaptive restart) followed by
   an exact solve on the identified free set, kept when it is feasible and at
-  least as optimal. Stops when the projected-gradient residual
+  least as optimal or within the tolerance. Stops when the projected-gradient residual
   :math:`\|v - \max(v - (Kv + b), 0)\|_\infty` is at most ``tol`` times the
   largest diagonal entry of :math:`K`, or after ``max_iters`` steps.
 
@@ -221,7 +246,7 @@ def nonnegative_quadratic_minimizer(
   polished = _polish_nonnegative(quadratic, linear, v)
   polished_ok = jnp.all(polished >= 0) & (
       _nonnegative_residual(quadratic, linear, polished)
-      <= _nonnegative_residual(quadratic, linear, v)
+      <= jnp.maximum(_nonnegative_residual(quadratic, linear, v), tol)
   )
   return jnp.where(polished_ok, polished, v)
 

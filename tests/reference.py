@@ -15,36 +15,41 @@ def min_norm_point_weights(gram: np.ndarray) -> np.ndarray:
 
   For every support S, solve the KKT system of min w^T K w on the simplex
   restricted to S and keep the feasible solution satisfying the optimality
-  conditions with the smallest objective.
+  conditions with the smallest objective. The systems are solved in
+  task-normalised coordinates w_i = a_i n_min / n_i (unit-diagonal cosine
+  matrix), so that tasks 1e10 apart in scale stay resolvable in float64.
+  A zero task makes the min-norm point 0: uniform weights over the zero tasks.
   """
   num_tasks = gram.shape[0]
   if num_tasks > 10:
     raise ValueError("exhaustive min-norm reference is for T <= 10")
-  scale = np.max(np.diag(gram))
-  if scale == 0:
-    return np.full(num_tasks, 1.0 / num_tasks)
-  k = gram / scale
+  norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+  if np.any(norms == 0):
+    return (norms == 0) / np.sum(norms == 0)
+  cosine = gram / np.outer(norms, norms)
+  scales = norms.min() / norms
   best, best_value = None, np.inf
   for size in range(1, num_tasks + 1):
     for support in itertools.combinations(range(num_tasks), size):
       s = list(support)
       system = np.zeros((size + 1, size + 1))
-      system[:size, :size] = k[np.ix_(s, s)]
-      system[:size, size] = 1.0
-      system[size, :size] = 1.0
+      system[:size, :size] = cosine[np.ix_(s, s)]
+      system[:size, size] = scales[s]
+      system[size, :size] = scales[s]
       rhs = np.zeros(size + 1)
       rhs[size] = 1.0
       solution = np.linalg.lstsq(system, rhs, rcond=None)[0]
-      w = np.zeros(num_tasks)
-      w[s] = solution[:size]
-      if np.any(w < -1e-12) or abs(w.sum() - 1) > 1e-9:
+      a = np.zeros(num_tasks)
+      a[s] = solution[:size]
+      if np.any(a < -1e-12) or abs(scales @ a - 1) > 1e-9:
         continue
-      w = np.clip(w, 0, None)
-      w /= w.sum()
-      value = w @ k @ w
+      a = np.clip(a, 0, None)
+      a /= scales @ a
+      value = a @ cosine @ a
       if value < best_value - 1e-15:
-        best, best_value = w, value
-  return best
+        best, best_value = a, value
+  w = scales * best
+  return w / w.sum()
 
 
 def gram_schmidt_basis(vectors: list, rank_rtol: float) -> list:

@@ -2,7 +2,9 @@ r"""Linear scalarisation: a fixed weighted sum of the task gradients."""
 
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradops_jax import _validate
@@ -43,8 +45,9 @@ def scale_by_linear_scalarization(
   """
   num_tasks = _validate.check_num_tasks(num_tasks)
   if weights is None:
-    weights = jnp.full((num_tasks,), 1.0 / num_tasks)
-  weights = jnp.asarray(weights, jnp.float32)
+    weights = np.full((num_tasks,), 1.0 / num_tasks)
+  if not isinstance(weights, jax.core.Tracer):
+    weights = np.asarray(weights, np.float64)  # full precision for float64 gradients
   if weights.shape != (num_tasks,):
     raise ValueError(f"weights must have shape ({num_tasks},), got {weights.shape}.")
   _validate.check_finite_hyperparameter("weights", weights)
@@ -55,6 +58,7 @@ def scale_by_linear_scalarization(
 
   def update_fn(task_grads, state, params=None):
     _validate.check_task_grads(task_grads, num_tasks, params)
-    return gram_lib.combine(task_grads, weights), state
+    with jax.enable_x64(True):
+      return gram_lib.combine(task_grads, jnp.asarray(weights, jnp.float64)), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,252 @@
+"""Property-based tests of every transform on hypothesis-drawn trouble.
+
+For every transform and every drawn example (``tests/strategies.py``):
+
+* the update is finite and has the parameters' structure, shapes and dtypes;
+* the method's own guarantee holds (GradOPS and UPGrad: no task conflicts
+  with the update; MGDA: the optimality conditions of the min-norm point;
+  ConicGrad: the update lies in its cone; CAGrad: its ball constraint);
+* where the inputs are float32 or float64 values in float32's normal range,
+  the update agrees with the float64 oracle of ``tests/reference.py``.
+
+Tolerances follow from the dtype. The update is :math:`\\sum_k \\beta_k g_k`,
+accumulated in float32 (float64 for float64 leaves) over T terms and rounded
+once to the leaf dtype, so its error is at most
+:math:`\\delta S` with :math:`S = \\sum_k |\\beta_k| \\|g_k\\|` and
+:math:`\\delta = (T + 1)\\,\\epsilon_{acc} + \\epsilon_{out}`; we allow
+:math:`4 \\delta S`. The task-space solves run in float64 and add at most
+``SOLVE_RTOL`` of S. Methods that drop directions below a rank tolerance
+(GradOPS) keep components of that relative size, which enter their guarantee
+as :math:`\\sqrt{T}\\,` ``rank_rtol`` times the size of the weighted tasks.
+Backends flush subnormal numbers to zero, so each entry of a task gradient
+may be read with an error up to the dtype's smallest normal number: a
+guarantee :math:`g_j \\cdot d \\ge 0` then holds up to that error times
+:math:`\\sqrt{D}\\,\\|d\\|` (``_flush_error``).
+
+Profiles (``tests/conftest.py``): ``ci`` (default, 300 examples per
+transform, derandomised) and ``thorough`` (10,000 per transform):
+``pytest tests/test_properties.py --hypothesis-profile=thorough``.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+
+import gradops_jax
+from gradops_jax.gradops import default_rank_rtol
+from tests import reference
+from tests import strategies
+from tests.transforms import METHODS
+
+SOLVE_RTOL = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def _release_executables():
+  """Each property compiles up to ~50 shape variants; free them afterwards
+  (a process holding thousands of executables exhausts its memory maps)."""
+  yield
+  _jitted_update.cache_clear()
+  _jitted_gradops_solve.cache_clear()
+  jax.clear_caches()
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_update(method, num_tasks):
+  tx = METHODS[method][0](num_tasks)
+  return tx, jax.jit(tx.update)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_gradops_solve(alpha, rank_rtol):
+  return jax.jit(lambda gram: gradops_jax.gradops_solve(gram, alpha, rank_rtol))
+
+
+def _run(method, example):
+  """The jitted update of ``method`` on the example: (flat float64 update, state)."""
+  tx, update = _jitted_update(method, example.num_tasks)
+  with jax.enable_x64(example.dtype == "float64"):
+    tree = jax.tree.map(jnp.asarray, example.tree)
+    params = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape[1:], leaf.dtype), tree)
+    updates, state = update(tree, tx.init(params), params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+  chex.assert_tree_all_finite(updates)
+  chex.assert_tree_all_finite(state)
+  flat = np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree.leaves(updates)])
+  return flat, state
+
+
+def _delta(example):
+  """Relative rounding of the combination (see the module docstring)."""
+  accumulation = np.promote_types(np.float32, np.float64 if example.dtype == "float64" else np.float32)
+  output = float(jnp.finfo(example.dtype).eps)
+  return 4 * ((example.num_tasks + 1) * float(np.finfo(accumulation).eps) + output) + SOLVE_RTOL
+
+
+def _flush_norm(example):
+  """Largest norm of the change of a task gradient whose subnormal entries read as zero."""
+  return float(jnp.finfo(example.dtype).tiny) * np.sqrt(example.matrix.shape[1])
+
+
+def _flush_error(example, update):
+  """Largest change of g_j . d (or of mean . d and c ||mean|| ||d||) from flushing."""
+  return 2 * _flush_norm(example) * np.linalg.norm(update)
+
+
+def _size(coefficients, grads):
+  """S = sum_k |beta_k| ||g_k||."""
+  return float(np.sum(np.abs(coefficients) * np.linalg.norm(grads, axis=1)))
+
+
+def _comparable(example, max_num_tasks):
+  return (
+      example.dtype != "bfloat16"
+      and example.num_tasks <= max_num_tasks
+      and example.within_float32_normal_range()
+  )
+
+
+def _assert_no_conflict(grads, update, tol):
+  """g_j . d >= -tol_j for every task j."""
+  margins = grads @ update
+  assert np.all(margins >= -tol), (margins, tol)
+
+
+def _assert_agrees(update, expected, tol):
+  np.testing.assert_allclose(update, expected, rtol=0, atol=max(tol, 1e-300))
+
+
+@pytest.mark.parametrize("method", ["gradops", "gradops_alpha-2"])
+@given(example=strategies.task_gradients())
+def test_gradops(method, example):
+  update, state = _run(method, example)
+  grads, num_tasks = example.matrix, example.num_tasks
+  alpha = 0.0 if method == "gradops" else -2.0
+  rank_rtol = default_rank_rtol(num_tasks, example.dtype)
+  with jax.enable_x64(True):
+    solution = _jitted_gradops_solve(alpha, rank_rtol)(jnp.asarray(grads @ grads.T))
+  coefficients = np.asarray(solution.coefficients)
+  norms = np.linalg.norm(grads, axis=1)
+  weighted = float(np.sum(np.abs(np.asarray(state.weights, np.float64)) * norms))
+  tol = norms * (_delta(example) * _size(coefficients, grads) + np.sqrt(num_tasks) * rank_rtol * weighted)
+  tol += _flush_error(example, update)
+  _assert_no_conflict(grads, update, tol)
+  # The solve itself: every g'_i has g'_i . g_j >= 0 (the paper's Sec. 3.1).
+  projection = np.asarray(solution.projection)
+  projected_dots = projection @ (grads @ grads.T)
+  projected_sizes = np.abs(projection) @ norms
+  assert np.all(
+      projected_dots
+      >= -2 * np.sqrt(num_tasks) * rank_rtol * np.outer(norms, norms)
+      - _flush_norm(example) * (np.outer(projected_sizes, np.ones(num_tasks)) + np.outer(norms, norms) / np.maximum(norms, 1e-300))
+  )
+  if not _comparable(example, max_num_tasks=8):  # the MGDA oracle enumerates supports
+    return
+  expected, info = reference.gradops_reference(grads, alpha, rank_rtol)
+  np.testing.assert_array_equal(np.asarray(state.projected), info["projected"])
+  assert bool(state.used_fallback) == info["used_fallback"]
+  # Both readings drop directions of relative length below rank_rtol, in
+  # different bases (eigenvectors here, Gram-Schmidt there): they may differ
+  # by that much of the weighted tasks.
+  rank_error = np.sqrt(num_tasks) * rank_rtol * weighted
+  _assert_agrees(update, expected, _delta(example) * _size(coefficients, grads) + rank_error)
+
+
+@given(example=strategies.task_gradients())
+def test_upgrad(example):
+  update, state = _run("upgrad", example)
+  grads, num_tasks = example.matrix, example.num_tasks
+  # d = G^T (w + 1/T): the mean of the projections.
+  size = _size(np.asarray(state.weights, np.float64) + 1.0 / num_tasks, grads)
+  tol = np.linalg.norm(grads, axis=1) * _delta(example) * size + _flush_error(example, update)
+  _assert_no_conflict(grads, update, tol)
+  if _comparable(example, max_num_tasks=8):
+    _assert_agrees(update, reference.upgrad_reference(grads), _delta(example) * size)
+
+
+@given(example=strategies.task_gradients())
+def test_mgda(example):
+  update, state = _run("mgda", example)
+  grads = example.matrix
+  weights = np.asarray(state.weights, np.float64)
+  assert np.all(weights >= 0) and abs(weights.sum() - 1) < 1e-5
+  # Optimality of the min-norm point d of the hull: g_j . d >= ||d||^2.
+  norms = np.linalg.norm(grads, axis=1)
+  size = _size(weights, grads)
+  tol = _delta(example) * size * (norms + size) + _flush_error(example, update)
+  assert np.all(grads @ update >= update @ update - tol)
+  if _comparable(example, max_num_tasks=8):
+    expected = reference.min_norm_point_weights(grads @ grads.T) @ grads
+    _assert_agrees(update, expected, _delta(example) * size)
+
+
+@pytest.mark.parametrize("c", [0.5])
+@given(example=strategies.task_gradients())
+def test_conicgrad_stays_in_its_cone(c, example):
+  update, state = _run("conicgrad", example)
+  grads = example.matrix
+  mean = grads.mean(axis=0)
+  size = _size(np.asarray(state.weights, np.float64), grads)
+  tol = _delta(example) * size * np.linalg.norm(mean) * (1 + c) + _flush_error(example, update)
+  assert mean @ update >= c * np.linalg.norm(mean) * np.linalg.norm(update) - tol
+
+
+@given(example=strategies.task_gradients(max_num_tasks=16))
+def test_cagrad(example):
+  update, state = _run("cagrad", example)
+  grads = example.matrix
+  c = 0.5
+  d = update * (1 + c**2)  # the official rescaling, undone
+  mean = grads.mean(axis=0)
+  size = _size(np.asarray(state.weights, np.float64), grads) * (1 + c**2)
+  tol = _delta(example) * size + (1 + c) * _flush_norm(example)
+  assert np.linalg.norm(d - mean) <= c * np.linalg.norm(mean) + tol
+  if _comparable(example, max_num_tasks=8):
+    # SLSQP is the oracle; we must reach at least its worst-task improvement.
+    expected, _ = reference.cagrad_reference(grads, c)
+    norms = np.linalg.norm(grads, axis=1)
+    assert np.min(grads @ d) >= np.min(grads @ (expected * (1 + c**2))) - 1e-6 * norms.max() * max(size, 1e-300)
+
+
+@given(example=strategies.task_gradients(max_num_tasks=16))
+def test_pcgrad(example):
+  update, state = _run("pcgrad", example)
+  grads, num_tasks = example.matrix, example.num_tasks
+  if _comparable(example, max_num_tasks=16):
+    _, order_key = jax.random.split(jax.random.key(0))
+    order = list(np.asarray(jax.random.permutation(order_key, num_tasks)))
+    size = _size(np.asarray(state.weights, np.float64), grads) + _size(np.ones(num_tasks), grads)
+    _assert_agrees(update, reference.pcgrad_reference(grads, order), _delta(example) * size)
+
+
+@given(example=strategies.task_gradients())
+def test_aligned_mtl(example):
+  update, state = _run("aligned_mtl", example)
+  grads, num_tasks = example.matrix, example.num_tasks
+  if _comparable(example, max_num_tasks=16):
+    expected = reference.aligned_mtl_reference(grads, num_tasks * float(jnp.finfo(example.dtype).eps))
+    size = _size(np.asarray(state.weights, np.float64), grads) + _size(np.full(num_tasks, 1 / num_tasks), grads)
+    _assert_agrees(update, expected, _delta(example) * size)
+
+
+@given(example=strategies.task_gradients())
+def test_linear_scalarization(example):
+  update, _ = _run("linear_scalarization", example)
+  grads, num_tasks = example.matrix, example.num_tasks
+  expected = grads.mean(axis=0)
+  _assert_agrees(update, expected, _delta(example) * _size(np.full(num_tasks, 1 / num_tasks), grads))
+
+
+@pytest.mark.parametrize("method", ["imtl_g", "gradvac", "nash_mtl"])
+@given(example=strategies.task_gradients())
+def test_finite_and_shaped(method, example):
+  """The methods without a guarantee checkable on every input (IMTL-G's
+  closed form and Nash-MTL's bargaining equation need independent gradients;
+  GradVac only moves cosines towards targets) are checked against their
+  oracles on fixed cases in ``test_methods.py``; here, finiteness and shapes."""
+  _run(method, example)
