@@ -30,8 +30,17 @@ def least_precise_dtype(tree: Any):
 
 
 def _cast_like(new: jax.Array, old: jax.Array) -> jax.Array:
-  """Casts a new state leaf to the dtype of the old one."""
-  return jnp.asarray(new).astype(old.dtype)
+  """Casts a new state leaf to the dtype of the old one.
+
+  Floating values saturate at the target dtype's largest finite value: the
+  coefficients of tasks 1e40 apart in scale exceed float32's range although
+  the update they give does not, and a diagnostic must not turn into Inf.
+  """
+  new = jnp.asarray(new)
+  if jnp.issubdtype(old.dtype, jnp.floating) and jnp.issubdtype(new.dtype, jnp.floating):
+    largest = float(jnp.finfo(old.dtype).max)
+    new = jnp.clip(new, -largest, largest)
+  return new.astype(old.dtype)
 
 
 def gram_aggregator(
@@ -74,7 +83,7 @@ class WeightsState(NamedTuple):
 
   Attributes:
     weights: ``(T,)`` float32 :math:`\\beta` of the last update
-      :math:`\\sum_k \\beta_k g_k`.
+      :math:`\\sum_k \\beta_k g_k` (saturated at the float32 range).
   """
 
   weights: jax.Array

@@ -159,8 +159,12 @@ def min_norm_simplex_weights(
   _, a, _, _ = jax.lax.while_loop(cond_fn, body_fn, init)
 
   polished = _polish_on_support(cosine, scales, a)
+  # A weight that is exactly 0 at the solution (say, a task between two
+  # opposite ones) comes out of the solve as +-rounding: clip it.
+  feasible = jnp.all(polished >= -1e-9 * jnp.max(jnp.abs(polished)))
+  polished = jnp.maximum(polished, 0.0)
   polished_ok = (
-      jnp.all(polished >= 0)
+      feasible
       & (jnp.abs(scales @ polished - 1.0) <= 1e-9)
       # Within tolerance is enough: the exact solution's gap is rounding.
       & (

@@ -114,6 +114,26 @@ def _comparable(example, max_num_tasks):
   )
 
 
+def _gram_resolves_rank_decisions(grads, rank_rtol):
+  """Whether every projection's rank decision is resolvable from the Gram matrix.
+
+  The package sees residual lengths through the float64 Gram matrix: the
+  residual of a task off the span of the others is resolved only to about
+  sqrt(eps_64) / sigma, sigma the smallest kept singular value of the others'
+  unit gradients. Where that is not ten times below ``rank_rtol`` (nearly
+  dependent others), a residual of rounding noise may land on either side of
+  the tolerance, and the package and the vector-space oracle may both be right.
+  """
+  norms = np.linalg.norm(grads, axis=1)
+  units = grads[norms > 0] / norms[norms > 0, None]
+  for task in range(units.shape[0]):
+    singular_values = np.linalg.svd(np.delete(units, task, axis=0), compute_uv=False)
+    kept = singular_values[singular_values > rank_rtol]
+    if kept.size and 10 * np.sqrt(np.finfo(np.float64).eps) / kept.min() >= rank_rtol:
+      return False
+  return True
+
+
 def _assert_no_conflict(grads, update, tol):
   """g_j . d >= -tol_j for every task j."""
   margins = grads @ update
@@ -152,6 +172,8 @@ def test_gradops(method, example):
   )
   if not _comparable(example, max_num_tasks=8):  # the MGDA oracle enumerates supports
     return
+  if not _gram_resolves_rank_decisions(grads, rank_rtol):
+    return
   expected, info = reference.gradops_reference(grads, alpha, rank_rtol)
   np.testing.assert_array_equal(np.asarray(state.projected), info["projected"])
   assert bool(state.used_fallback) == info["used_fallback"]
@@ -188,7 +210,11 @@ def test_mgda(example):
   assert np.all(grads @ update >= update @ update - tol)
   if _comparable(example, max_num_tasks=8):
     expected = reference.min_norm_point_weights(grads @ grads.T) @ grads
-    _assert_agrees(example, update, expected, _delta(example) * size)
+    # The Frank-Wolfe gap of the returned point, checked small just above,
+    # bounds ||d - d*||^2 (the solver stops at a gap of 1e-12 n_min^2, or
+    # after max_iters steps on ill-conditioned hulls).
+    solver_error = np.sqrt(max(update @ update - np.min(grads @ update), 0.0))
+    _assert_agrees(example, update, expected, _delta(example) * size + solver_error)
 
 
 @pytest.mark.parametrize("c", [0.5])

@@ -114,7 +114,9 @@ def scale_by_cagrad(
   _validate.check_max_iters(max_iters)
   return aggregation.weighting_aggregator(
       num_tasks,
-      lambda gram, input_dtype: cagrad_weights(
-          gram, c, rescale, tol, max_iters, default_rank_rtol(num_tasks, input_dtype)
+      lambda gram, _: cagrad_weights(
+          # g_w is exact on the Gram matrix whatever the input dtype: only the
+          # Gram matrix's own resolution makes it numerically zero.
+          gram, c, rescale, tol, max_iters, default_rank_rtol(num_tasks, jnp.float64)
       ),
   )
