@@ -10,23 +10,29 @@ import itertools
 import numpy as np
 
 
-def min_norm_point_weights(gram: np.ndarray) -> np.ndarray:
-  """MGDA weights by enumerating supports (exact; small T only).
+def min_norm_point_weights(grads: np.ndarray) -> np.ndarray:
+  """MGDA weights of the task gradients (T, D) by enumerating supports (exact; small T only).
 
   For every support S, solve the KKT system of min w^T K w on the simplex
-  restricted to S and keep the feasible solution satisfying the optimality
-  conditions with the smallest objective. The systems are solved in
-  task-normalised coordinates w_i = a_i n_min / n_i (unit-diagonal cosine
-  matrix), so that tasks 1e10 apart in scale stay resolvable in float64.
+  restricted to S and keep the feasible solution with the smallest objective
+  (the problem is convex: its minimiser is the stationary point of its own
+  support). The systems are solved in task-normalised coordinates
+  w_i = a_i n_min / n_i (unit-diagonal cosine matrix), so that tasks 1e10
+  apart in scale stay resolvable in float64; each candidate's objective is
+  then measured on the vectors, ||sum_i a_i g_i / n_i||^2, since through the
+  Gram matrix nearly opposite tasks read as exactly opposite and the large
+  weights of their support cancel to rounding noise.
   A zero task makes the min-norm point 0: uniform weights over the zero tasks.
   """
-  num_tasks = gram.shape[0]
+  grads = np.asarray(grads, np.float64)
+  num_tasks = grads.shape[0]
   if num_tasks > 10:
     raise ValueError("exhaustive min-norm reference is for T <= 10")
-  norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+  norms = np.linalg.norm(grads, axis=1)
   if np.any(norms == 0):
     return (norms == 0) / np.sum(norms == 0)
-  cosine = gram / np.outer(norms, norms)
+  units = grads / norms[:, None]
+  cosine = units @ units.T
   scales = norms.min() / norms
   best, best_value = None, np.inf
   for size in range(1, num_tasks + 1):
@@ -45,8 +51,8 @@ def min_norm_point_weights(gram: np.ndarray) -> np.ndarray:
         continue
       a = np.clip(a, 0, None)
       a /= scales @ a
-      value = a @ cosine @ a
-      if value < best_value - 1e-15:
+      value = np.sum((a @ units) ** 2)
+      if value < best_value:
         best, best_value = a, value
   w = scales * best
   return w / w.sum()
@@ -109,7 +115,7 @@ def gradops_reference(
   projected_grads = np.stack(projected_grads)
   info = {"projected_grads": projected_grads, "projected": np.array(projected)}
   if not np.any(projected_grads != 0):  # line 16: MGDA
-    w = min_norm_point_weights(g @ g.T)
+    w = min_norm_point_weights(g)
     info.update(weights=w, used_fallback=True)
     return w @ g, info
   total = projected_grads.sum(axis=0)  # G' (line 12)
@@ -144,6 +150,16 @@ def pcgrad_reference(grads: np.ndarray, order: list) -> np.ndarray:
   return np.sum(out, axis=0)
 
 
+def _span_projection(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+  """Orthogonal projection of ``vector`` onto the span of ``rows`` (singular
+  values below 1e-12 of the largest count as zero)."""
+  if rows.shape[0] == 0:
+    return np.zeros_like(vector)
+  _, singular_values, right = np.linalg.svd(rows, full_matrices=False)
+  basis = right[singular_values > 1e-12 * singular_values.max()]
+  return basis.T @ (basis @ vector)
+
+
 def upgrad_reference(grads: np.ndarray) -> np.ndarray:
   """UPGrad (Quinton and Rey, 2024): mean of the projections of each g_i onto
   the dual cone {x : G x >= 0}, each projection found in the primal by
@@ -159,10 +175,11 @@ def upgrad_reference(grads: np.ndarray) -> np.ndarray:
     best, best_distance = None, np.inf
     for size in range(0, num_tasks + 1):
       for active in itertools.combinations(range(num_tasks), size):
-        a = unit[list(active)]
-        # Projection onto {x : a x = 0}; the true projection onto the cone is
-        # the closest feasible one among these candidates.
-        x = g[i] - a.T @ np.linalg.lstsq(a @ a.T, a @ g[i], rcond=None)[0] if size else g[i]
+        # Projection onto {x : a x = 0} for the active rows a, through an
+        # orthonormal basis of their span (normal equations would square the
+        # condition number of nearly opposite rows); the true projection onto
+        # the cone is the closest feasible one among these candidates.
+        x = g[i] - _span_projection(unit[list(active)], g[i])
         # Feasibility of the projected point, then keep the closest feasible.
         if np.all(unit @ x >= -1e-9 * np.linalg.norm(g[i])):
           distance = np.linalg.norm(x - g[i])

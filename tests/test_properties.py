@@ -134,6 +134,29 @@ def _gram_resolves_rank_decisions(grads, rank_rtol):
   return True
 
 
+def _gram_resolves_dependencies(grads):
+  """Whether every near-dependency of the unit task gradients is either exact
+  or resolvable from the float64 Gram matrix.
+
+  The Gram matrix sees a near-dependency of relative size sigma (a singular
+  value of the unit gradients) as sigma^2 against its rounding eps_64: only
+  where eps_64 / sigma^2 is below float32's eps (sigma >~ 4e-5; we take 1e-4)
+  is it resolved to the precision of the comparison. Between that and the
+  oracles' exact-dependency cut (1e-12), the answer itself may jump: the
+  float32 rounding of two exactly opposite tasks turns the hyperplane
+  g_1 . x = 0 into a thin wedge that also bounds the directions orthogonal to
+  both, and a Gram-matrix solve and a vector-space oracle may then both be
+  right about different problems.
+  """
+  norms = np.linalg.norm(grads, axis=1)
+  units = grads[norms > 0] / norms[norms > 0, None]
+  if units.shape[0] == 0:
+    return True
+  singular_values = np.linalg.svd(units, compute_uv=False)
+  relative = singular_values / singular_values.max()
+  return not np.any((relative > 1e-12) & (relative < 1e-4))
+
+
 def _assert_no_conflict(grads, update, tol):
   """g_j . d >= -tol_j for every task j."""
   margins = grads @ update
@@ -193,7 +216,7 @@ def test_upgrad(example):
   norms = np.linalg.norm(grads, axis=1)
   tol = norms * _delta(example) * size + _flush_error(example, update, norms)
   _assert_no_conflict(grads, update, tol)
-  if _comparable(example, max_num_tasks=8):
+  if _comparable(example, max_num_tasks=8) and _gram_resolves_dependencies(grads):
     _assert_agrees(example, update, reference.upgrad_reference(grads), _delta(example) * size)
 
 
@@ -209,7 +232,7 @@ def test_mgda(example):
   tol = _delta(example) * size * (norms + size) + _flush_error(example, update, norms)
   assert np.all(grads @ update >= update @ update - tol)
   if _comparable(example, max_num_tasks=8):
-    expected = reference.min_norm_point_weights(grads @ grads.T) @ grads
+    expected = reference.min_norm_point_weights(grads) @ grads
     # The Frank-Wolfe gap of the returned point, checked small just above,
     # bounds ||d - d*||^2 (the solver stops at a gap of 1e-12 n_min^2, or
     # after max_iters steps on ill-conditioned hulls).

@@ -17,7 +17,7 @@ def test_min_norm_matches_exhaustive_reference(seed, num_tasks, dim):
   gram = grads @ grads.T
   with jax.enable_x64(True):
     weights = np.asarray(jax.jit(gradops_jax.min_norm_simplex_weights)(jnp.asarray(gram)))
-  expected = reference.min_norm_point_weights(gram)
+  expected = reference.min_norm_point_weights(grads)
   assert np.all(weights >= 0) and abs(weights.sum() - 1) < 1e-12
   scale = np.max(np.diag(gram))
   assert weights @ gram @ weights <= expected @ gram @ expected + 1e-10 * scale
