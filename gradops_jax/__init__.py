@@ -18,6 +18,7 @@ from gradops_jax.methods.nash_mtl import scale_by_nash_mtl
 from gradops_jax.methods.pcgrad import PCGradState
 from gradops_jax.methods.pcgrad import scale_by_pcgrad
 from gradops_jax.methods.upgrad import scale_by_upgrad
+from gradops_jax import recon
 from gradops_jax.partition import aggregate_shared
 from gradops_jax.solvers import min_norm_simplex_weights
 from gradops_jax.solvers import project_onto_simplex
@@ -37,6 +38,7 @@ __all__ = (
     "min_norm_simplex_weights",
     "nnx_value_and_task_grads",
     "project_onto_simplex",
+    "recon",
     "scale_by_aligned_mtl",
     "scale_by_cagrad",
     "scale_by_conicgrad",

@@ -176,8 +176,26 @@ def _may_be_sharded(leaf: jax.Array) -> bool:
   return jax.sharding.get_abstract_mesh().size > 1
 
 
-def _leaf_gram(leaf: jax.Array) -> jax.Array:
-  """Exact-product Gram matrix of one ``(T, ...)`` leaf, in float64."""
+def leaf_gram(leaf: jax.Array) -> jax.Array:
+  r"""Gram matrix of the task gradients of one ``(T, ...)`` leaf, in float64.
+
+  .. math::
+
+    K^{(\ell)}_{ij} = \langle g_i^{(\ell)}, g_j^{(\ell)} \rangle
+
+  with exact products (see the module docstring). :func:`task_gram` is the sum
+  of these over the leaves; a transform that needs them per leaf (the layer
+  conflict scores of :mod:`gradops_jax.recon`) calls this same function, and
+  XLA merges the identical computations of two transforms jitted together,
+  so the gradients are still read once. Must be called inside
+  ``jax.enable_x64(True)``.
+
+  Args:
+    leaf: a ``(T, ...)`` array.
+
+  Returns:
+    The ``(T, T)`` float64 Gram matrix of the leaf.
+  """
   if _may_be_sharded(leaf):
     return _partitionable_leaf_gram(leaf)
   return _scanned_leaf_gram(leaf)
@@ -201,7 +219,7 @@ def task_gram(task_grads: Any, num_tasks: int) -> jax.Array:
   """
   gram = jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE)
   for leaf in jax.tree.leaves(task_grads):
-    gram = gram + _leaf_gram(leaf)
+    gram = gram + leaf_gram(leaf)
   return gram
 
 
