@@ -181,3 +181,119 @@ def test_select_layers_errors():
     recon.select_layers(state, quantile=1.5)
   with pytest.raises(TypeError, match="LayerConflictState"):
     recon.select_layers((state,), k=1)
+
+
+class TrunkAndHeads(nnx.Module):
+  """Shared MLP trunk (optionally a conv stem and dropout), one linear head per task."""
+
+  def __init__(self, num_tasks, rngs, conv=False, dropout=0.0):
+    self.stem = nnx.Conv(1, 2, kernel_size=(3,), rngs=rngs) if conv else None
+    self.trunk = nnx.List([nnx.Linear(8 if conv else 3, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)])
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.heads = nnx.List([nnx.Linear(8, 1, rngs=rngs) for _ in range(num_tasks)])
+
+  def __call__(self, x):
+    if self.stem is not None:
+      x = nnx.relu(self.stem(x[..., None])).reshape(x.shape[0], -1)
+    for layer in self.trunk:
+      x = self.dropout(nnx.relu(layer(x)))
+    return [head(x)[:, 0] for head in self.heads]
+
+
+def _num_params(model):
+  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("layers", [["trunk/0"], ["trunk/1"], ["trunk/0", "trunk/1"], ["stem", "trunk/1"]])
+def test_branched_model_equals_shared_model_at_initialisation(layers):
+  num_tasks = 3
+  model = TrunkAndHeads(num_tasks, nnx.Rngs(0), conv=True)
+  x = jax.random.normal(jax.random.key(1), (5, 4))
+  expected = model(x)
+  before = _num_params(model)
+  branched, added = recon.branch_layers(model, layers, num_tasks)
+  outputs = nnx.jit(lambda m, x: m(x))(branched, x)
+  assert len(outputs) == num_tasks
+  for output, reference in zip(outputs, expected):
+    np.testing.assert_allclose(output, reference, rtol=1e-5, atol=1e-6)
+  assert _num_params(branched) - before == added
+  sizes = {"trunk/0": 8 * 8 + 8, "trunk/1": 8 * 8 + 8, "stem": 3 * 2 + 2}
+  assert added == (num_tasks - 1) * sum(sizes[layer] for layer in layers)
+
+
+def test_task_gradients_reach_only_their_own_branch():
+  num_tasks = 3
+  model = TrunkAndHeads(num_tasks, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (6, 3))
+  targets = jax.random.normal(jax.random.key(2), (num_tasks, 6))
+
+  def task_losses(model, x):
+    return jnp.stack([jnp.mean((out - target) ** 2) for out, target in zip(model(x), targets)])
+
+  _, shared_grads = gradops_jax.nnx_value_and_task_grads(task_losses)(model, x)
+  branched, _ = recon.branch_layers(model, ["trunk/1"], num_tasks)
+  _, grads = nnx.jit(gradops_jax.nnx_value_and_task_grads(task_losses))(branched, x)
+  kernel_copies = grads["branch_copies"][1][...]  # (T, T-1, 8, 8): kernel is the second leaf
+  original = grads["model"]["trunk"][1]["kernel"][...]  # (T, 8, 8): task 0's copy
+  shared_kernel = shared_grads["trunk"][1]["kernel"][...]
+  for task in range(num_tasks):
+    own = original[task] if task == 0 else kernel_copies[task, task - 1]
+    # At initialisation, task t's gradient on its copy is its gradient on the shared layer.
+    np.testing.assert_allclose(own, shared_kernel[task], rtol=1e-4, atol=1e-6)
+    others = [original[task]] if task else []
+    others += [kernel_copies[task, copy] for copy in range(num_tasks - 1) if copy != task - 1]
+    for other in others:
+      np.testing.assert_array_equal(other, 0.0)
+  # The unbranched trunk layer stays shared: every task's gradient reaches it.
+  assert all(np.any(grads["model"]["trunk"][0]["kernel"][...][task] != 0) for task in range(num_tasks))
+
+
+def test_branched_training_step_with_gradops():
+  num_tasks = 2
+  model = TrunkAndHeads(num_tasks, nnx.Rngs(0), dropout=0.1)
+  branched, _ = recon.branch_layers(model, ["trunk/0"], num_tasks)
+  shared = recon.shared_mask(branched, task_specific=lambda path: "heads" in jax.tree_util.keystr(path))
+  tx = optax.chain(gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(num_tasks), num_tasks, shared),
+                   optax.adam(1e-2))
+  optimizer = nnx.Optimizer(branched, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (32, 3))
+  targets = jnp.stack([jnp.sin(x[:, 0]), jnp.cos(x[:, 1])])
+
+  def task_losses(model, x):
+    return jnp.stack([jnp.mean((out - target) ** 2) for out, target in zip(model(x), targets)])
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    losses, grads = gradops_jax.nnx_value_and_task_grads(task_losses)(model, x)
+    optimizer.update(model, grads)
+    return losses
+
+  first = step(branched, optimizer, x)
+  for _ in range(100):
+    last = step(branched, optimizer, x)
+  assert np.all(np.isfinite(last)) and np.all(last < first)
+
+
+def test_dropout_state_advances_in_branched_model():
+  model = TrunkAndHeads(2, nnx.Rngs(0), dropout=0.5)
+  branched, _ = recon.branch_layers(model, ["trunk/1"], 2)
+  x = jnp.ones((4, 3))
+  first, second = branched(x), branched(x)
+  assert not np.allclose(first[0], second[0])
+
+
+def test_branching_errors():
+  model = TrunkAndHeads(2, nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"Unknown layers \['trunk/7'\].*'trunk/0'"):
+    recon.branch_layers(model, ["trunk/7"], 2)
+  with pytest.raises(ValueError, match="empty"):
+    recon.branch_layers(model, [], 2)
+  with pytest.raises(TypeError, match="sequence of layer names"):
+    recon.branch_layers(model, "trunk/0", 2)
+  with pytest.raises(ValueError, match="num_tasks"):
+    recon.branch_layers(model, ["trunk/0"], 0)
+  branched, _ = recon.branch_layers(model, ["trunk/0"], 3)  # the model has 2 heads
+  with pytest.raises(ValueError, match="3 task outputs"):
+    branched(jnp.ones((2, 3)))
+  with pytest.raises(TypeError, match="BranchedModel"):
+    recon.shared_mask(model)
