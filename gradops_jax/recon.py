@@ -1,4 +1,4 @@
-r"""Recon's layer-wise conflict scores: where, in the shared network, tasks fight.
+r"""Recon: where in the shared network tasks conflict, and task-specific copies of those layers.
 
 Recon (Shi et al., ICLR 2023) looks at the task gradients with respect to
 each shared layer separately, counts how often two tasks conflict there, and
@@ -24,7 +24,10 @@ aggregator. It computes the per-leaf Gram matrices with
 :func:`gradops_jax.gram.leaf_gram`, the function with which every aggregator
 computes its Gram matrix: jitted together, XLA merges the two, and the
 gradients are read once (``tests/test_recon.py`` checks this on the compiled
-program). :func:`select_layers` ranks the layers by score.
+program). :func:`select_layers` ranks the layers by score, and
+:func:`branch_layers` gives each task its own copy of the selected layers of
+a Flax NNX model (:func:`shared_mask` then tells
+:func:`gradops_jax.aggregate_shared` which parameters are still shared).
 """
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -170,6 +173,36 @@ def layer_conflict_scores(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def find_conflict_state(opt_state: Any) -> LayerConflictState:
+  """The one :class:`LayerConflictState` inside an optimiser state.
+
+  Args:
+    opt_state: a :class:`LayerConflictState`, or any optimiser state (a chain,
+      an ``optax.partition``, an ``nnx.Optimizer``'s ``opt_state``) holding
+      exactly one.
+
+  Returns:
+    That state.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from gradops_jax import recon
+    >>> tx = optax.chain(recon.layer_conflict_scores(2), optax.sgd(0.1))
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> recon.find_conflict_state(state).counts
+    {'w': Array(0, dtype=int32)}
+  """
+  found = jax.tree.leaves(opt_state, is_leaf=lambda node: isinstance(node, LayerConflictState))
+  found = [node for node in found if isinstance(node, LayerConflictState)]
+  if len(found) != 1:
+    raise TypeError(
+        f"Expected an optimiser state holding exactly one LayerConflictState, found {len(found)} "
+        f"in a {type(opt_state).__name__}."
+    )
+  return found[0]
+
+
 def select_layers(
     state: LayerConflictState, k: Optional[int] = None, quantile: Optional[float] = None
 ) -> list:
@@ -180,8 +213,8 @@ def select_layers(
   selection is deterministic.
 
   Args:
-    state: a :class:`LayerConflictState` (or the state of a chain holding one:
-      pass the element, e.g. ``opt_state[0]``).
+    state: a :class:`LayerConflictState`, or an optimiser state holding
+      exactly one (see :func:`find_conflict_state`).
     k: number of layers to select, ``1 <= k <=`` the number of layers.
     quantile: in ``[0, 1]``; exactly one of ``k`` and ``quantile`` is given.
 
@@ -202,8 +235,7 @@ def select_layers(
     Multi-Task Learning, ICLR 2023; official code
     `moukamisama/Recon <https://github.com/moukamisama/Recon>`_.
   """
-  if not isinstance(state, LayerConflictState):
-    raise TypeError(f"state must be a LayerConflictState, got {type(state).__name__}.")
+  state = find_conflict_state(state)
   if (k is None) == (quantile is None):
     raise ValueError("Give exactly one of k and quantile.")
   ranked = sorted(
@@ -224,18 +256,28 @@ def select_layers(
   return [(name, score) for name, score in ranked if score >= cutoff and score > 0]
 
 
-def _task_outputs(outputs: Any, num_tasks: int) -> tuple:
-  """Splits a model's output into its T task outputs (a sequence, or an array
-  with a leading task axis), with a clear error otherwise."""
+def _check_task_outputs(outputs: Any, num_tasks: int, output_axis: int) -> None:
+  """Raises a clear error unless ``outputs`` holds the T task outputs."""
   if isinstance(outputs, (tuple, list)) and len(outputs) == num_tasks:
-    return tuple(outputs)
-  if isinstance(outputs, jax.Array) and outputs.ndim >= 1 and outputs.shape[0] == num_tasks:
-    return tuple(outputs[task] for task in range(num_tasks))
+    return
+  if isinstance(outputs, jax.Array) and outputs.ndim and outputs.shape[output_axis] == num_tasks:
+    return
   raise ValueError(
       f"A branched model must return its {num_tasks} task outputs, as a tuple or list "
-      f"of length {num_tasks} or an array with a leading axis of size {num_tasks}; got "
-      f"{jax.tree.map(jnp.shape, outputs)}."
+      f"of length {num_tasks} or an array with an axis {output_axis} of size {num_tasks}; "
+      f"got {jax.tree.map(jnp.shape, outputs)}."
   )
+
+
+def _own_task_outputs(lane_outputs: Any, num_tasks: int, output_axis: int) -> Any:
+  """Output t of lane t, for every task t, in the structure of one lane's output."""
+  if isinstance(lane_outputs, (tuple, list)):
+    return type(lane_outputs)(
+        jax.tree.map(lambda leaf: leaf[task], lane_outputs[task]) for task in range(num_tasks)
+    )
+  axis = output_axis % (lane_outputs.ndim - 1)
+  own = [jnp.take(lane_outputs[task], task, axis=axis) for task in range(num_tasks)]
+  return jnp.stack(own, axis=axis)
 
 
 class BranchedModel(nnx.Module):
@@ -251,16 +293,18 @@ class BranchedModel(nnx.Module):
   the lane that uses task t's copy.
 
   Structural requirements on the wrapped model: its ``__call__`` returns its
-  T task outputs (a tuple or list of length T, or an array with a leading
-  task axis of size T), and its non-parameter state changed by the forward
-  pass (RNG counts, batch statistics) is written back from task 0's lane.
+  T task outputs (a tuple or list of length T, or an array with a task axis
+  ``output_axis`` of size T), and its non-parameter state changed by the
+  forward pass (RNG counts, batch statistics) is written back from task 0's
+  lane. The branched model returns outputs of the same structure.
   """
 
-  def __init__(self, model: nnx.Module, paths: tuple, num_tasks: int):
+  def __init__(self, model: nnx.Module, paths: tuple, num_tasks: int, output_axis: int = 0):
     params = nnx.state(model, nnx.Param)
     values = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     self.model = model
     self.num_tasks = num_tasks
+    self.output_axis = output_axis
     self.branched_paths = nnx.static(tuple(paths))
     self.branch_copies = nnx.List([
         nnx.Param(jnp.repeat(values[path][None], num_tasks - 1, axis=0)) for path in paths
@@ -281,12 +325,13 @@ class BranchedModel(nnx.Module):
           lambda path, value: replacements.get(path, value), params
       )
       model = nnx.merge(graphdef, task_params, rest, copy=True)
-      outputs = _task_outputs(model(*args, **kwargs), self.num_tasks)
+      outputs = model(*args, **kwargs)
+      _check_task_outputs(outputs, self.num_tasks, self.output_axis)
       return outputs, nnx.state(model, nnx.Not(nnx.Param))
 
     outputs, lane_rest = jax.vmap(task_lane)(stacked)
     nnx.update(self.model, jax.tree.map(lambda leaf: leaf[0], lane_rest))
-    return tuple(jax.tree.map(lambda leaf: leaf[task], outputs[task]) for task in range(self.num_tasks))
+    return _own_task_outputs(outputs, self.num_tasks, self.output_axis)
 
 
 def branch_layers(
@@ -294,6 +339,7 @@ def branch_layers(
     layers: Sequence[str],
     num_tasks: int,
     layer_name: Callable[[tuple], str] = default_layer_name,
+    output_axis: int = 0,
 ) -> tuple:
   r"""Turns the given shared layers of an NNX model into task-specific ones (Recon).
 
@@ -315,6 +361,8 @@ def branch_layers(
     layers: layer names, e.g. from :func:`select_layers`.
     num_tasks: T.
     layer_name: maps a parameter's key path to its layer name.
+    output_axis: when the model returns one array, its task axis (e.g. -1
+      for logits of shape ``(batch, T)``).
 
   Returns:
     ``(branched_model, num_added_parameters)``.
@@ -355,7 +403,7 @@ def branch_layers(
     raise ValueError("layers is empty: nothing to branch.")
   paths = tuple(path for path, _ in flat if layer_name(path) in layers)
   added = (num_tasks - 1) * sum(int(np.prod(leaf.shape)) for path, leaf in flat if path in paths)
-  return BranchedModel(model, paths, num_tasks), added
+  return BranchedModel(model, paths, num_tasks, output_axis), added
 
 
 def shared_mask(

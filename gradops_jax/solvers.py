@@ -65,6 +65,21 @@ def _scaled_simplex_gap(cosine, scales, a):
   return a @ gradient - jnp.min(gradient / scales)
 
 
+def _scaled_simplex_gap_rounding(cosine, scales, a):
+  r"""Bound on the rounding error of :func:`_scaled_simplex_gap` at ``a``.
+
+  Each :math:`(Ca)_i / s_i` is a sum of T terms of rounded cosines, so it is
+  off by up to about :math:`(T + 2)\,\epsilon\,(|C| a)_i / s_i`; the mean
+  :math:`a^\top C a` is bounded by the largest of those. With two huge,
+  exactly opposite tasks at the optimum (their weights in these
+  coordinates are :math:`10^{10}`), this is far above any fixed tolerance,
+  and a gap below it is all that working precision can certify.
+  """
+  num_tasks = cosine.shape[0]
+  eps = jnp.finfo(cosine.dtype).eps
+  return 2 * (num_tasks + 2) * eps * jnp.max((jnp.abs(cosine) @ a) / scales)
+
+
 def _solve_on_support(cosine, scales, support):
   """Solves the KKT system ``C_S a_S = mu s_S, s^T a = 1`` on ``support``.
 
@@ -86,65 +101,90 @@ def _solve_on_support(cosine, scales, support):
   system = system.at[:num_tasks, num_tasks].set(jnp.where(support, scales, 0.0))
   system = system.at[num_tasks, :num_tasks].set(jnp.where(support, scales, 0.0))
   rhs = jnp.zeros((num_tasks + 1,), cosine.dtype).at[num_tasks].set(1.0)
-  solution = jnp.linalg.pinv(system, hermitian=True) @ rhs
-  residual = jnp.max(jnp.abs(system @ solution - rhs))
-  consistent = residual <= 1e-9 * jnp.maximum(1.0, jnp.max(jnp.abs(solution)))
+
+  def backward_error(solution):
+    residual = jnp.max(jnp.abs(system @ solution - rhs))
+    scale = jnp.max(jnp.sum(jnp.abs(system), axis=1)) * jnp.max(jnp.abs(solution)) + 1.0
+    return jnp.where(jnp.all(jnp.isfinite(solution)), residual / scale, jnp.inf)
+
+  # LU first: with huge tasks the system is nonsingular but its smallest
+  # singular value is below any pseudo-inverse cutoff (their weights here
+  # are ~1e10), and LU solves it to rounding. Singular systems (duplicated
+  # tasks) make LU fail; the least-squares solution is then the one.
+  direct = jnp.linalg.solve(system, rhs)
+  least_squares = jnp.linalg.pinv(system, hermitian=True) @ rhs
+  use_direct = backward_error(direct) <= 1e-12
+  solution = jnp.where(use_direct, direct, least_squares)
+  consistent = use_direct | (backward_error(least_squares) <= 1e-12)
   return jnp.where(support, solution[:num_tasks], 0.0), consistent
 
 
 def _polish(cosine, scales, a, tol):
-  """The exact KKT solution on the support of the iterate ``a``, or on a smaller one.
+  """The exact KKT solution on the support of the optimum, found from the iterate ``a``.
 
-  The iterate's support may still hold tasks whose optimal weight is 0: the
-  first-order iterations approach 0 slowly on ill-conditioned hulls. The
-  support shrinks until the solve on it is non-negative (to rounding: a
-  weight that is exactly 0 at the solution, say a task between two opposite
-  ones, comes out as +-rounding and is clipped) with a Frank-Wolfe gap at
-  most the iterate's (or ``tol``):
+  A primal active-set method (Lawson and Hanson's, on the scaled simplex)
+  started from the first-order iterate's support, which is usually right or
+  nearly so: solve the KKT system on the support, then
 
-  * when the solve is a solution with negative weights, as in the inner loop
-    of Lawson and Hanson's NNLS: move from the current point towards it until
+  * if the solution is non-negative (to rounding: a weight that is exactly 0
+    at the solution, say a task between two opposite ones, comes out as
+    +-rounding and is clipped) and its Frank-Wolfe gap is at most the
+    iterate's (or ``tol``, or the gap's own rounding error), return it;
+  * if it is non-negative but not optimal, move to it and add the task that
+    violates the optimality conditions most, the smallest
+    :math:`(Ca)_i / s_i` (an exactly opposite pair of huge tasks that the
+    iterations would need :math:`10^{10}` steps to reach enters this way);
+  * if it has negative weights, move from the current point towards it until
     the first weight reaches 0 (the objective does not rise on the way) and
     drop that task;
-  * when the system is inconsistent (two tasks of the support collinear with
-    different lengths), drop the least optimal tasks, those of largest
+  * if the system is inconsistent (two tasks of the support collinear with
+    different lengths), drop the least optimal tasks, of largest
     :math:`(Ca)_i / s_i`.
 
-  Returns ``a`` when no support qualifies.
+  At most ``3 T`` solves; returns ``a`` when none qualifies.
   """
+  num_tasks = cosine.shape[0]
   bound = jnp.maximum(_scaled_simplex_gap(cosine, scales, a), tol)
 
   def cond_fn(carry):
-    _, support, done, _ = carry
-    return ~done & jnp.any(support)
+    step, _, support, done, _ = carry
+    return ~done & jnp.any(support) & (step < 3 * num_tasks)
 
   def body_fn(carry):
-    point, support, _, best = carry
+    step, point, support, _, best = carry
     solution, consistent = _solve_on_support(cosine, scales, support)
     clipped = jnp.maximum(solution, 0.0)
-    found = (
+    nonnegative = (
         consistent
         & jnp.all(solution >= -1e-9 * jnp.max(jnp.abs(solution)))
         & (jnp.abs(scales @ clipped - 1.0) <= 1e-9)
-        & (_scaled_simplex_gap(cosine, scales, clipped) <= bound)
     )
+    rounding = _scaled_simplex_gap_rounding(cosine, scales, clipped)
+    found = nonnegative & (_scaled_simplex_gap(cosine, scales, clipped) <= jnp.maximum(bound, rounding))
+    # Non-negative, not optimal: add the most violating task.
+    optimality = (cosine @ clipped) / scales
+    outside = jnp.where(support, jnp.inf, optimality)
+    entering = outside == jnp.min(outside)
+    can_enter = jnp.min(outside) < clipped @ (cosine @ clipped) - rounding
+    grown = (clipped > 0) | (entering & can_enter)
+    # Negative weights: the inner loop's step towards the solution.
     blocking = support & (solution <= 0)
     ratios = jnp.where(blocking, point / jnp.where(blocking, point - solution, 1.0), jnp.inf)
-    step = jnp.min(ratios)
-    moved = jnp.where(ratios == step, 0.0, point + step * (solution - point))
-    optimality = (cosine @ point) / scales
-    kept = support & (optimality != jnp.max(jnp.where(support, optimality, -jnp.inf)))
+    step_size = jnp.min(ratios)
+    moved = jnp.where(ratios == step_size, 0.0, point + step_size * (solution - point))
+    shrunk = support & (ratios != step_size) & (moved > 0)
+    # Inconsistent: drop the least optimal tasks.
+    point_optimality = (cosine @ point) / scales
+    kept = support & (point_optimality != jnp.max(jnp.where(support, point_optimality, -jnp.inf)))
     kept_point = jnp.where(kept, point, 0.0)
     kept_point = kept_point / jnp.where(jnp.any(kept), scales @ kept_point, 1.0)
-    use_step = consistent & jnp.any(blocking)
-    next_support = jnp.where(use_step, support & (ratios != step) & (moved > 0), kept)
-    next_point = jnp.where(use_step, moved, kept_point)
-    # A consistent, non-negative solve that is not optimal: the optimal
-    # support is not inside this one; stop.
-    done = found | (consistent & ~jnp.any(blocking))
-    return next_point, next_support, done, jnp.where(found, clipped, best)
+    next_point = jnp.where(nonnegative, clipped, jnp.where(consistent, moved, kept_point))
+    next_support = jnp.where(nonnegative, grown, jnp.where(consistent, shrunk, kept))
+    done = found | (nonnegative & ~can_enter)
+    return step + 1, next_point, next_support, done, jnp.where(found, clipped, best)
 
-  return jax.lax.while_loop(cond_fn, body_fn, (a, a > 0, jnp.array(False), a))[3]
+  init = (jnp.array(0), a, a > 0, jnp.array(False), a)
+  return jax.lax.while_loop(cond_fn, body_fn, init)[4]
 
 
 def min_norm_simplex_weights(
@@ -159,16 +199,20 @@ def min_norm_simplex_weights(
     \min_{w \ge 0,\ \sum_i w_i = 1} \Big\| \sum_i w_i g_i \Big\|^2
     = \min_{w \in \Delta_T} w^\top K w,
 
-  with accelerated projected gradient (FISTA with adaptive restart) on the
-  Gram matrix scaled to unit largest diagonal, followed by an exact solve of
-  the KKT system on the identified support, kept when it is feasible and
-  at least as good or within the tolerance. Iterations stop when the Frank-Wolfe gap
-  :math:`w^\top K w - \min_i (K w)_i` is at most ``tol`` times the largest
-  squared gradient norm, or after ``max_iters`` steps.
+  in task-normalised coordinates :math:`w_i = a_i\, n_{\min} / n_i`
+  (:math:`n_i = \|g_i\|`), where it reads
+  :math:`\min\, a^\top C a` over :math:`\{a \ge 0,\ s^\top a = 1\}` with
+  the cosine matrix :math:`C` and :math:`s_i = n_{\min} / n_i`, so that tasks
+  1e10 apart in scale stay resolved. Accelerated projected gradient (FISTA
+  with adaptive restart) identifies the support, until the Frank-Wolfe gap
+  :math:`a^\top C a - \min_i (Ca)_i / s_i` is at most ``tol`` or after
+  ``max_iters`` steps; then an active-set method started from that support
+  solves the KKT system exactly on the optimal one, kept when its gap is at
+  most the iterate's (or ``tol``, or its own rounding error).
 
   Args:
     gram: ``(T, T)`` Gram matrix :math:`K = G G^\top`.
-    tol: relative tolerance on the duality gap.
+    tol: tolerance on the Frank-Wolfe gap (in units of the smallest squared norm).
     max_iters: iteration cap.
 
   Returns:
@@ -236,33 +280,59 @@ def _solve_on_free_set(quadratic, linear, free):
   return jnp.where(free, solution, 0.0)
 
 
-def _polish_nonnegative(quadratic, linear, v):
-  """The exact minimiser on the face of the iterate ``v``, or on a smaller face.
+def _polish_nonnegative(quadratic, linear, v, tol):
+  """The exact minimiser on the optimal face, found from the iterate ``v``.
 
-  The inner loop of Lawson and Hanson's NNLS: solve on the free set; while the
-  solution has non-positive entries, move from ``v`` towards it until the
-  first free entry reaches 0 (the objective does not rise on the way), fix that
-  entry at 0 and solve again. The first-order iterate's free set may hold
-  entries whose optimal value is 0, and with more tasks than dimensions the
-  system is singular and its least-norm solution may be negative where a
-  non-negative solution exists.
+  Lawson and Hanson's active-set method (NNLS, in the quadratic form) started
+  from the first-order iterate's free set: solve on the free set; if the
+  solution is positive there and its KKT residual is at most the iterate's
+  (or ``tol``, or its own rounding error), return it; if it is positive but
+  not optimal, move to it and free the entry of most negative gradient; if
+  it has non-positive entries, move from the current point towards it until
+  the first free entry reaches 0 (the objective does not rise on the way) and
+  fix that entry at 0. With more tasks than dimensions the systems are
+  singular and the free set from the iterations is rarely the optimal one.
+  At most ``3 T`` solves; returns ``v`` when none qualifies.
   """
+  num_tasks = linear.shape[0]
+  eps = jnp.finfo(quadratic.dtype).eps
+  bound = jnp.maximum(_nonnegative_residual(quadratic, linear, v), tol)
+
+  def rounding(x):
+    return 2 * (num_tasks + 2) * eps * jnp.max(jnp.abs(quadratic) @ x + jnp.abs(linear))
 
   def cond_fn(carry):
-    _, free, solution = carry
-    return jnp.any(free & (solution <= 0))
+    step, _, _, done, _ = carry
+    return ~done & (step < 3 * num_tasks)
 
   def body_fn(carry):
-    v, free, solution = carry
+    step, point, free, _, best = carry
+    solution = _solve_on_free_set(quadratic, linear, free)
+    positive = jnp.all(jnp.where(free, solution > 0, True))
+    clipped = jnp.maximum(solution, 0.0)
+    error = rounding(clipped)
+    found = positive & (_nonnegative_residual(quadratic, linear, clipped) <= jnp.maximum(bound, error))
+    # Positive, not optimal: free the entry of most negative gradient.
+    outside = jnp.where(free, jnp.inf, quadratic @ clipped + linear)
+    can_enter = jnp.min(outside) < -error
+    grown = free | ((outside == jnp.min(outside)) & can_enter)
+    # Non-positive entries: the inner loop's step towards the solution.
     blocking = free & (solution <= 0)
-    ratios = jnp.where(blocking, v / jnp.where(blocking, v - solution, 1.0), jnp.inf)
-    step = jnp.min(ratios)
-    v = jnp.where(ratios == step, 0.0, v + step * (solution - v))
-    free = free & (ratios != step) & (v > 0)
-    return v, free, _solve_on_free_set(quadratic, linear, free)
+    ratios = jnp.where(blocking, point / jnp.where(blocking, point - solution, 1.0), jnp.inf)
+    step_size = jnp.min(ratios)
+    moved = jnp.where(ratios == step_size, 0.0, point + step_size * (solution - point))
+    shrunk = free & (ratios != step_size) & (moved > 0)
+    done = found | (positive & ~can_enter)
+    return (
+        step + 1,
+        jnp.where(positive, clipped, moved),
+        jnp.where(positive, grown, shrunk),
+        done,
+        jnp.where(found, clipped, best),
+    )
 
-  free = v > 0
-  return jax.lax.while_loop(cond_fn, body_fn, (v, free, _solve_on_free_set(quadratic, linear, free)))[2]
+  init = (jnp.array(0), v, v > 0, jnp.array(False), v)
+  return jax.lax.while_loop(cond_fn, body_fn, init)[4]
 
 
 def _nonnegative_residual(quadratic, linear, v):
@@ -281,8 +351,8 @@ def nonnegative_quadratic_minimizer(
     \min_{v \ge 0}\ \tfrac12 v^\top K v + b^\top v
 
   by accelerated projected gradient (FISTA with adaptive restart) followed by
-  an exact solve on the identified free set (shrunk, as in Lawson and Hanson's
-  NNLS, while that solve is not positive), kept when it is at least as
+  an exact solve on the optimal free set (Lawson and Hanson's active-set
+  method, started from the identified one), kept when it is at least as
   optimal or within the tolerance. Stops when the projected-gradient residual
   :math:`\|v - \max(v - (Kv + b), 0)\|_\infty` is at most ``tol`` times the
   largest diagonal entry of :math:`K`, or after ``max_iters`` steps.
@@ -324,12 +394,7 @@ def nonnegative_quadratic_minimizer(
   zeros = jnp.zeros_like(linear)
   init = (jnp.array(0), zeros, zeros, jnp.array(1.0, quadratic.dtype))
   _, v, _, _ = jax.lax.while_loop(cond_fn, body_fn, init)
-  polished = _polish_nonnegative(quadratic, linear, v)
-  polished_ok = jnp.all(polished >= 0) & (
-      _nonnegative_residual(quadratic, linear, polished)
-      <= jnp.maximum(_nonnegative_residual(quadratic, linear, v), tol)
-  )
-  return jnp.where(polished_ok, polished, v)
+  return _polish_nonnegative(quadratic, linear, v, tol)
 
 
 def minimize_on_simplex(

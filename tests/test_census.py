@@ -157,3 +157,23 @@ def test_alpha_sweep_and_weight_traces(tmp_path):
   train_module.plot_traces(traces, tmp_path / "traces.png")
   assert (tmp_path / "sweep.png").stat().st_size > 0 and (tmp_path / "traces.png").stat().st_size > 0
   assert "| -1 |" in train_module.sweep_markdown(alphas, gains, 1, 1, "x")
+
+
+def test_recon_procedure_runs_and_reports(tmp_path):
+  recon_module = _load("recon")
+  splits = data.split_from_rows(
+      data.parse_rows(_lines(_rows(2048, 10)), "train"), data.parse_rows(_lines(_rows(400, 11)), "test"))
+  args = recon_module.parser().parse_args(["--epochs", "1", "--warmup-epochs", "1", "--seeds", "2",
+                                           "--out", str(tmp_path / "RECON.md")])
+  runs = recon_module.main(args, splits)
+  for run in runs:
+    assert run["selected"] == [run["scores"][0][0]] and run["selected"][0] in ("trunk1", "trunk2")
+    assert run["added"] == 2 * {"trunk1": (run["num_params"] - 192 * 192 - 192 - 3 * 193) , "trunk2": 192 * 192 + 192}[run["selected"][0]]
+    for method in ("GradOPS", "GradOPS + Recon"):
+      assert np.all((np.asarray(run["auc"][method]) >= 0) & (np.asarray(run["auc"][method]) <= 1))
+    # The branched layer is no longer scored; the other trunk layer still is.
+    assert set(run["occurrence"]["GradOPS"]) == {"trunk1", "trunk2"}
+    assert set(run["occurrence"]["GradOPS + Recon"]) == {"trunk1", "trunk2"} - set(run["selected"])
+    assert all(0 <= value <= 1 for value in run["occurrence"]["GradOPS"].values())
+  table = (tmp_path / "RECON.md").read_text()
+  assert "| GradOPS + Recon |" in table and "## Occurrence" in table

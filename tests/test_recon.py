@@ -179,8 +179,9 @@ def test_select_layers_errors():
     recon.select_layers(state, k=1, quantile=0.5)
   with pytest.raises(ValueError, match="quantile"):
     recon.select_layers(state, quantile=1.5)
-  with pytest.raises(TypeError, match="LayerConflictState"):
-    recon.select_layers((state,), k=1)
+  with pytest.raises(TypeError, match="exactly one LayerConflictState, found 2"):
+    recon.select_layers((state, state), k=1)
+  assert recon.select_layers({"inner": (state,)}, k=1) == [("b", 7)]
 
 
 class TrunkAndHeads(nnx.Module):
@@ -295,5 +296,23 @@ def test_branching_errors():
   branched, _ = recon.branch_layers(model, ["trunk/0"], 3)  # the model has 2 heads
   with pytest.raises(ValueError, match="3 task outputs"):
     branched(jnp.ones((2, 3)))
+
+
+def test_branched_model_with_task_axis_last():
+  class Logits(nnx.Module):
+    def __init__(self, rngs):
+      self.trunk = nnx.Linear(3, 4, rngs=rngs)
+      self.heads = nnx.List([nnx.Linear(4, 1, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+      hidden = nnx.relu(self.trunk(x))
+      return jnp.concatenate([head(hidden) for head in self.heads], axis=-1)
+
+  model = Logits(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (5, 3))
+  branched, _ = recon.branch_layers(model, ["trunk"], 3, output_axis=-1)
+  np.testing.assert_allclose(branched(x), model(x), rtol=1e-6)
+  with pytest.raises(ValueError, match="axis 0 of size 3"):
+    recon.branch_layers(model, ["trunk"], 3)[0](x)
   with pytest.raises(TypeError, match="BranchedModel"):
     recon.shared_mask(model)

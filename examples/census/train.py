@@ -97,8 +97,11 @@ def auc(labels, scores):
   return float((ranks[positives].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
 
 
-def make_optimizer(model, aggregator, num_heads):
-  shared = lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: is_shared(path), tree)
+def make_optimizer(model, aggregator, num_heads, shared=None):
+  """Adam on the aggregated gradients; ``shared`` (default: all but the heads)
+  as in :func:`gradops_jax.aggregate_shared`."""
+  if shared is None:
+    shared = lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: is_shared(path), tree)
   tx = optax.chain(gradops_jax.aggregate_shared(aggregator, num_heads, shared), optax.adam(1e-4))
   return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -123,14 +126,12 @@ def evaluate(model, split, tasks):
   return [auc(split.labels[:, task], logits[:, k]) for k, task in enumerate(tasks)]
 
 
-def train_run(train, validation, test, aggregator, tasks, epochs, seed, batch=1024, weights_trace=None):
-  """One network on ``tasks``; test AUCs at the best validation epoch.
+def fit(model, optimizer, splits, tasks, epochs, seed, batch=1024, after_step=None):
+  """Trains ``model`` on ``tasks``; returns the test AUCs at the best validation epoch.
 
-  With a list as ``weights_trace``, appends the aggregator's last weights
-  (``GradOPSState.weights``) after every step.
+  ``after_step(optimizer)``, if given, is called after every step.
   """
-  model = CensusNet(train.features.shape[1], len(tasks), nnx.Rngs(seed, dropout=seed + 1))
-  optimizer = make_optimizer(model, aggregator, len(tasks))
+  train, validation, test = splits
   rng = np.random.default_rng(seed)
   features, labels = train.features, train.labels[:, tasks]
   best = (-np.inf, None)
@@ -139,12 +140,26 @@ def train_run(train, validation, test, aggregator, tasks, epochs, seed, batch=10
     for start in range(0, len(order) - batch + 1, batch):  # full batches only: one compilation
       index = order[start:start + batch]
       train_step(model, optimizer, jnp.asarray(features[index]), jnp.asarray(labels[index]))
-      if weights_trace is not None:
-        weights_trace.append(np.asarray(optax.tree.get(optimizer.opt_state, "weights")))
+      if after_step is not None:
+        after_step(optimizer)
     valid = evaluate(model, validation, tasks)
     if np.mean(valid) > best[0]:
       best = (np.mean(valid), evaluate(model, test, tasks))
   return best[1]
+
+
+def train_run(train, validation, test, aggregator, tasks, epochs, seed, batch=1024, weights_trace=None):
+  """One network on ``tasks``; test AUCs at the best validation epoch.
+
+  With a list as ``weights_trace``, appends the aggregator's last weights
+  (``GradOPSState.weights``) after every step.
+  """
+  model = CensusNet(train.features.shape[1], len(tasks), nnx.Rngs(seed, dropout=seed + 1))
+  optimizer = make_optimizer(model, aggregator, len(tasks))
+  trace = None
+  if weights_trace is not None:
+    trace = lambda optimizer: weights_trace.append(np.asarray(optax.tree.get(optimizer.opt_state, "weights")))
+  return fit(model, optimizer, (train, validation, test), tasks, epochs, seed, batch, trace)
 
 
 def run_method(name, splits, epochs, seed):
