@@ -80,6 +80,28 @@ def _scaled_simplex_gap_rounding(cosine, scales, a):
   return 2 * (num_tasks + 2) * eps * jnp.max((jnp.abs(cosine) @ a) / scales)
 
 
+def _solve_symmetric(system, rhs):
+  """Solves a symmetric linear system; returns ``(solution, whether it solves it)``.
+
+  LU first: a system can be nonsingular with a smallest singular value below
+  any pseudo-inverse cutoff (huge tasks get weights ~1e10 in task-normalised
+  coordinates), and LU solves it to rounding. Singular systems (duplicated
+  tasks) make LU fail; the least-squares solution is then the one. A
+  solution counts when its backward error is at most 1e-12.
+  """
+
+  def backward_error(solution):
+    residual = jnp.max(jnp.abs(system @ solution - rhs))
+    scale = jnp.max(jnp.sum(jnp.abs(system), axis=1)) * jnp.max(jnp.abs(solution)) + jnp.max(jnp.abs(rhs))
+    return jnp.where(jnp.all(jnp.isfinite(solution)), residual / jnp.maximum(scale, jnp.finfo(system.dtype).tiny), jnp.inf)
+
+  direct = jnp.linalg.solve(system, rhs)
+  least_squares = jnp.linalg.pinv(system, hermitian=True) @ rhs
+  use_direct = backward_error(direct) <= 1e-12
+  solution = jnp.where(use_direct, direct, least_squares)
+  return solution, use_direct | (backward_error(least_squares) <= 1e-12)
+
+
 def _solve_on_support(cosine, scales, support):
   """Solves the KKT system ``C_S a_S = mu s_S, s^T a = 1`` on ``support``.
 
@@ -101,21 +123,7 @@ def _solve_on_support(cosine, scales, support):
   system = system.at[:num_tasks, num_tasks].set(jnp.where(support, scales, 0.0))
   system = system.at[num_tasks, :num_tasks].set(jnp.where(support, scales, 0.0))
   rhs = jnp.zeros((num_tasks + 1,), cosine.dtype).at[num_tasks].set(1.0)
-
-  def backward_error(solution):
-    residual = jnp.max(jnp.abs(system @ solution - rhs))
-    scale = jnp.max(jnp.sum(jnp.abs(system), axis=1)) * jnp.max(jnp.abs(solution)) + 1.0
-    return jnp.where(jnp.all(jnp.isfinite(solution)), residual / scale, jnp.inf)
-
-  # LU first: with huge tasks the system is nonsingular but its smallest
-  # singular value is below any pseudo-inverse cutoff (their weights here
-  # are ~1e10), and LU solves it to rounding. Singular systems (duplicated
-  # tasks) make LU fail; the least-squares solution is then the one.
-  direct = jnp.linalg.solve(system, rhs)
-  least_squares = jnp.linalg.pinv(system, hermitian=True) @ rhs
-  use_direct = backward_error(direct) <= 1e-12
-  solution = jnp.where(use_direct, direct, least_squares)
-  consistent = use_direct | (backward_error(least_squares) <= 1e-12)
+  solution, consistent = _solve_symmetric(system, rhs)
   return jnp.where(support, solution[:num_tasks], 0.0), consistent
 
 
@@ -153,11 +161,16 @@ def _polish(cosine, scales, a, tol):
   def body_fn(carry):
     step, point, support, _, best = carry
     solution, consistent = _solve_on_support(cosine, scales, support)
+    # Back onto s^T a = 1, which an ill-conditioned solve meets only to its
+    # conditioning (weights ~1e10 for huge opposite tasks); the gap below
+    # certifies the result.
     clipped = jnp.maximum(solution, 0.0)
+    total = scales @ clipped
+    clipped = clipped / jnp.where(total > 0, total, 1.0)
     nonnegative = (
         consistent
         & jnp.all(solution >= -1e-9 * jnp.max(jnp.abs(solution)))
-        & (jnp.abs(scales @ clipped - 1.0) <= 1e-9)
+        & (jnp.abs(total - 1.0) <= 1e-6)
     )
     rounding = _scaled_simplex_gap_rounding(cosine, scales, clipped)
     found = nonnegative & (_scaled_simplex_gap(cosine, scales, clipped) <= jnp.maximum(bound, rounding))
