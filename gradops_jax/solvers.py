@@ -127,6 +127,20 @@ def _solve_on_support(cosine, scales, support):
   return jnp.where(support, solution[:num_tasks], 0.0), consistent
 
 
+def _step_to_first_zero(point, solution, active):
+  """The inner step of Lawson and Hanson's active-set method.
+
+  Moves from ``point`` towards ``solution`` until the first ``active`` entry
+  whose solution value is not positive reaches 0, and drops it (ties
+  together). Returns the new point and the new active set.
+  """
+  blocking = active & (solution <= 0)
+  ratios = jnp.where(blocking, point / jnp.where(blocking, point - solution, 1.0), jnp.inf)
+  step_size = jnp.min(ratios)
+  moved = jnp.where(ratios == step_size, 0.0, point + step_size * (solution - point))
+  return moved, active & (ratios != step_size) & (moved > 0)
+
+
 def _polish(cosine, scales, a, tol):
   """The exact KKT solution on the support of the optimum, found from the iterate ``a``.
 
@@ -181,11 +195,7 @@ def _polish(cosine, scales, a, tol):
     can_enter = jnp.min(outside) < clipped @ (cosine @ clipped) - rounding
     grown = (clipped > 0) | (entering & can_enter)
     # Negative weights: the inner loop's step towards the solution.
-    blocking = support & (solution <= 0)
-    ratios = jnp.where(blocking, point / jnp.where(blocking, point - solution, 1.0), jnp.inf)
-    step_size = jnp.min(ratios)
-    moved = jnp.where(ratios == step_size, 0.0, point + step_size * (solution - point))
-    shrunk = support & (ratios != step_size) & (moved > 0)
+    moved, shrunk = _step_to_first_zero(point, solution, support)
     # Inconsistent: drop the least optimal tasks.
     point_optimality = (cosine @ point) / scales
     kept = support & (point_optimality != jnp.max(jnp.where(support, point_optimality, -jnp.inf)))
@@ -330,11 +340,7 @@ def _polish_nonnegative(quadratic, linear, v, tol):
     can_enter = jnp.min(outside) < -error
     grown = free | ((outside == jnp.min(outside)) & can_enter)
     # Non-positive entries: the inner loop's step towards the solution.
-    blocking = free & (solution <= 0)
-    ratios = jnp.where(blocking, point / jnp.where(blocking, point - solution, 1.0), jnp.inf)
-    step_size = jnp.min(ratios)
-    moved = jnp.where(ratios == step_size, 0.0, point + step_size * (solution - point))
-    shrunk = free & (ratios != step_size) & (moved > 0)
+    moved, shrunk = _step_to_first_zero(point, solution, free)
     done = found | (positive & ~can_enter)
     return (
         step + 1,
