@@ -308,49 +308,52 @@ def _polish_nonnegative(quadratic, linear, v, tol):
 
   Lawson and Hanson's active-set method (NNLS, in the quadratic form) started
   from the first-order iterate's free set: solve on the free set; if the
-  solution is positive there and its KKT residual is at most the iterate's
-  (or ``tol``, or its own rounding error), return it; if it is positive but
-  not optimal, move to it and free the entry of most negative gradient; if
-  it has non-positive entries, move from the current point towards it until
-  the first free entry reaches 0 (the objective does not rise on the way) and
-  fix that entry at 0. With more tasks than dimensions the systems are
-  singular and the free set from the iterations is rarely the optimal one.
-  At most ``3 T`` solves; returns ``v`` when none qualifies.
+  solution is positive there and no fixed entry has a negative gradient
+  beyond rounding (or its KKT residual is within ``tol``), it is the
+  minimiser; if it is positive but not optimal, move to it and free the entry
+  of most negative gradient; if it has non-positive entries, move from the
+  current point towards it until the first free entry reaches 0 (the
+  objective does not rise on the way) and fix that entry at 0. With more
+  tasks than dimensions the systems are singular and the free set from the
+  iterations is rarely the optimal one. At most ``3 T`` solves; returns the
+  positive solution of smallest KKT residual met on the way, or ``v`` when
+  none has a smaller one.
   """
   num_tasks = linear.shape[0]
   eps = jnp.finfo(quadratic.dtype).eps
-  bound = jnp.maximum(_nonnegative_residual(quadratic, linear, v), tol)
 
   def rounding(x):
     return 2 * (num_tasks + 2) * eps * jnp.max(jnp.abs(quadratic) @ x + jnp.abs(linear))
 
   def cond_fn(carry):
-    step, _, _, done, _ = carry
+    step, _, _, done, _, _ = carry
     return ~done & (step < 3 * num_tasks)
 
   def body_fn(carry):
-    step, point, free, _, best = carry
+    step, point, free, _, best, best_residual = carry
     solution = _solve_on_free_set(quadratic, linear, free)
     positive = jnp.all(jnp.where(free, solution > 0, True))
     clipped = jnp.maximum(solution, 0.0)
     error = rounding(clipped)
-    found = positive & (_nonnegative_residual(quadratic, linear, clipped) <= jnp.maximum(bound, error))
+    residual = jnp.where(positive, _nonnegative_residual(quadratic, linear, clipped), jnp.inf)
+    better = residual < best_residual
     # Positive, not optimal: free the entry of most negative gradient.
     outside = jnp.where(free, jnp.inf, quadratic @ clipped + linear)
     can_enter = jnp.min(outside) < -error
     grown = free | ((outside == jnp.min(outside)) & can_enter)
     # Non-positive entries: the inner loop's step towards the solution.
     moved, shrunk = _step_to_first_zero(point, solution, free)
-    done = found | (positive & ~can_enter)
+    done = positive & (~can_enter | (residual <= jnp.maximum(tol, error)))
     return (
         step + 1,
         jnp.where(positive, clipped, moved),
         jnp.where(positive, grown, shrunk),
         done,
-        jnp.where(found, clipped, best),
+        jnp.where(better, clipped, best),
+        jnp.minimum(residual, best_residual),
     )
 
-  init = (jnp.array(0), v, v > 0, jnp.array(False), v)
+  init = (jnp.array(0), v, v > 0, jnp.array(False), v, _nonnegative_residual(quadratic, linear, v))
   return jax.lax.while_loop(cond_fn, body_fn, init)[4]
 
 
