@@ -53,6 +53,15 @@ def median_time(fn, *args, repeats):
   return statistics.median(times)
 
 
+def cores_used(fn, *args, repeats):
+  """Process CPU time over wall time of ``repeats`` warmed-up calls: how many cores ``fn`` keeps busy."""
+  jax.block_until_ready(fn(*args))
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(repeats):
+    jax.block_until_ready(fn(*args))
+  return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
 def scaled_shapes(shapes, target_size):
   """ResNet-18 leaf shapes with channel counts scaled to about target_size."""
   base = sum(int(np.prod(s)) for s in shapes)
@@ -101,6 +110,73 @@ def bench_floor(sizes, tasks, repeats):
         rows.append({"D": dim, "layout": layout, "T": num_tasks, "gradops_ms": 1e3 * ours,
                      "floor_ms": 1e3 * floor, "floor_ratio": ours / floor})
         del tree
+  return rows
+
+
+def two_pass_step(num_tasks):
+  """The least work of any method that needs all the gradients before combining them:
+  a full read for one number per task, then the weighted sum (a second read)."""
+  del num_tasks
+
+  def step(grads):
+    weights = jax.nn.softmax(sum(jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=1) for g in jax.tree.leaves(grads)))
+    return jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), grads)
+
+  return jax.jit(step)
+
+
+def float32_gram_step(num_tasks):
+  """The fastest Gram pass we found XLA:CPU to compile: float32 block products
+  in a scan (about 1e-6 relative error, where ours is 1e-16; not used)."""
+  block = 8192
+
+  def leaf_gram(rows):
+    def accumulate(total, index):
+      chunk = jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1)
+      return total + chunk @ chunk.T, None
+
+    num_blocks = rows.shape[1] // block
+    total = jax.lax.scan(accumulate, jnp.zeros((num_tasks, num_tasks), rows.dtype), jnp.arange(num_blocks))[0]
+    rest = rows[:, num_blocks * block :]
+    return total + rest @ rest.T
+
+  def gram(grads):
+    return sum(leaf_gram(jnp.reshape(leaf, (num_tasks, -1))) for leaf in jax.tree.leaves(grads))
+
+  return jax.jit(gram)
+
+
+def float64_gram_step(num_tasks):
+  """Our Gram pass alone (exact float32 products, float64 sums)."""
+
+  def gram(grads):
+    with jax.enable_x64(True):
+      return gradops_jax.gram.task_gram(grads, num_tasks)
+
+  return jax.jit(gram)
+
+
+def bench_bounds(size, tasks, repeats):
+  """Where the time goes, against the two-read bound, with the cores each pass keeps busy."""
+  torch, peers = torchjd_aggregators()
+  rows = []
+  for num_tasks in tasks:
+    tree = stacked_tree(num_tasks, [(int(size),)])
+    params = params_like(tree)
+    steps = {"floor": floor_step(num_tasks), "two_pass": two_pass_step(num_tasks),
+             "gram64": float64_gram_step(num_tasks), "gram32": float32_gram_step(num_tasks),
+             "gradops": aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params)}
+    row = {"T": num_tasks, "D": int(size)}
+    for name, step in steps.items():
+      row[f"{name}_ms"] = 1e3 * median_time(step, tree, repeats=repeats)
+      row[f"{name}_cores"] = cores_used(step, tree, repeats=repeats)
+    row["torchjd_pcgrad_ms"] = None
+    if peers is not None:
+      matrix = torch.from_numpy(np.array(tree["leaf000"]))
+      row["torchjd_pcgrad_ms"] = 1e3 * median_time(peers["PCGrad"], matrix, repeats=repeats)
+      row["best_possible_vs_torchjd_pcgrad"] = row["two_pass_ms"] / row["torchjd_pcgrad_ms"]
+    rows.append(row)
+    del tree
   return rows
 
 
@@ -382,6 +458,19 @@ def markdown(results):
             f"| vmapped VJP | {g['vmapped_vjp_ms']:.2f} | {g['step_vmapped_vjp_ms']:.2f} |",
             f"| `jax.jacrev` | {g['jacrev_ms']:.2f} | |",
             f"| T separate `jax.grad` | {g['separate_grads_ms']:.2f} | |"]
+  lines += ["", "## 9. Bounds: where the time goes (one leaf)", "",
+            "Times in ms, each with the cores it keeps busy (process CPU time / wall time). "
+            "*two reads*: one number per task from a full read, then the weighted sum, the least "
+            "any method that must see every gradient before combining them can do once the "
+            "gradients do not fit in cache. *Gram f64*: our Gram pass alone. *Gram f32*: the "
+            "fastest Gram pass we found XLA:CPU to compile (float32 block products, not used).", "",
+            "| T | D | floor | two reads | Gram f64 | Gram f32 | GradOPS | torchjd PCGrad | two reads / torchjd PCGrad |",
+            "|---|---|---|---|---|---|---|---|---|"]
+  for r in results["bounds"]:
+    cells = [f"{r[f'{k}_ms']:.2f} ({r[f'{k}_cores']:.1f})" for k in ("floor", "two_pass", "gram64", "gram32", "gradops")]
+    peer = "skipped" if r["torchjd_pcgrad_ms"] is None else f"{r['torchjd_pcgrad_ms']:.2f}"
+    best = f"{r['best_possible_vs_torchjd_pcgrad']:.2f}" if "best_possible_vs_torchjd_pcgrad" in r else ""
+    lines.append(f"| {r['T']} | {r['D']:.1e} | " + " | ".join(cells) + f" | {peer} | {best} |")
   return "\n".join(lines) + "\n"
 
 
@@ -446,6 +535,7 @@ def main(argv=None):
   results["end_to_end"] = bench_end_to_end(m["width"], 3, 256, m["repeats"])
   results["shared_partition"] = bench_shared_partition(m["width"], [3, 8], 256, m["repeats"])
   results["task_gradients"] = bench_task_gradients(m["width"], 3, 256, m["repeats"])
+  results["bounds"] = bench_bounds(m["method_size"], m["method_tasks"], m["repeats"])
   table = markdown(results)
   print(table)
   args.out.mkdir(parents=True, exist_ok=True)

@@ -13,59 +13,53 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _check_positive_int(name: str, value: Any, hint: str = "") -> int:
+  """Returns ``value`` as an int, or raises if it is not a positive Python int."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise TypeError(
+        f"{name} must be a Python int, got {value!r} of type {type(value).__name__}.{hint}"
+    )
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1, got {value}.")
+  return value
 
 
 def check_num_tasks(num_tasks: Any) -> int:
   """Returns ``num_tasks`` as an int, or raises if it is not a positive int."""
-  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
-    raise TypeError(
-        f"num_tasks must be a Python int, got {num_tasks!r} of type "
-        f"{type(num_tasks).__name__}. If you use optax.inject_hyperparams, "
-        "pass static_args=('num_tasks',)."
-    )
-  if num_tasks < 1:
-    raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
-  return num_tasks
-
-
-def check_finite_hyperparameter(name: str, value: Any) -> None:
-  """Raises ``ValueError`` if a concrete hyperparameter is not finite.
-
-  Traced values (for instance under ``optax.inject_hyperparams``) cannot be
-  inspected at trace time and are accepted as they are.
-  """
-  if isinstance(value, jax.core.Tracer):
-    return
-  if not bool(jnp.all(jnp.isfinite(jnp.asarray(value)))):
-    raise ValueError(f"{name} must be finite, got {value!r}.")
-
-
-def check_hyperparameter_range(
-    name: str, value: Any, low: float, high: float = float("inf"),
-    high_inclusive: bool = True,
-) -> None:
-  """Raises ``ValueError`` unless a concrete scalar hyperparameter is in range.
-
-  The range is ``[low, high]`` (or ``[low, high)``); NaN is never in range,
-  and an infinite value is rejected even when ``high`` is infinite. Traced
-  values (under ``optax.inject_hyperparams``) are accepted as they are.
-  """
-  if isinstance(value, jax.core.Tracer):
-    return
-  number = float(value)
-  in_range = low <= number and (number <= high if high_inclusive else number < high)
-  if not (in_range and number != float("inf")):
-    closing = "]" if high_inclusive and high != float("inf") else ")"
-    raise ValueError(f"{name} must be finite and in [{low}, {high}{closing}, got {value!r}.")
+  return _check_positive_int(
+      "num_tasks", num_tasks,
+      " If you use optax.inject_hyperparams, pass static_args=('num_tasks',).",
+  )
 
 
 def check_max_iters(max_iters: Any) -> int:
   """Returns ``max_iters`` as an int, or raises if it is not a positive int."""
-  if isinstance(max_iters, bool) or not isinstance(max_iters, int):
-    raise TypeError(f"max_iters must be a Python int, got {max_iters!r}.")
-  if max_iters < 1:
-    raise ValueError(f"max_iters must be >= 1, got {max_iters}.")
-  return max_iters
+  return _check_positive_int("max_iters", max_iters)
+
+
+def check_hyperparameter_range(
+    name: str, value: Any, low: float = -float("inf"), high: float = float("inf"),
+    high_inclusive: bool = True,
+) -> None:
+  """Raises ``ValueError`` unless a concrete hyperparameter is finite and in range.
+
+  Every entry of ``value`` (a scalar or an array) must be finite and in
+  ``[low, high]`` (or ``[low, high)``); NaN is never in range. Traced values
+  (under ``optax.inject_hyperparams``) cannot be inspected at trace time and
+  are accepted as they are.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  values = np.asarray(value, dtype=np.float64)
+  in_range = (low <= values) & ((values <= high) if high_inclusive else (values < high))
+  if not bool(np.all(in_range & np.isfinite(values))):
+    if low == -float("inf") and high == float("inf"):
+      raise ValueError(f"{name} must be finite, got {value!r}.")
+    closing = "]" if high_inclusive and high != float("inf") else ")"
+    raise ValueError(f"{name} must be finite and in [{low}, {high}{closing}, got {value!r}.")
 
 
 def _leaf_description(path, leaf) -> str:

@@ -298,7 +298,7 @@ def scale_by_gradops(
     Subspaces For Multi-task Learning <https://arxiv.org/abs/2503.03438>`_,
     WSDM 2025, Algorithm 1.
   """
-  _validate.check_finite_hyperparameter("alpha", alpha)
+  _validate.check_hyperparameter_range("alpha", alpha)
   if rank_rtol is not None:
     _validate.check_hyperparameter_range("rank_rtol", rank_rtol, 0.0, 1.0, high_inclusive=False)
 

@@ -7,7 +7,9 @@ from benchmarks import run
 
 def test_benchmark_entry_point_tiny(tmp_path, capsys):
   results = run.main(["--tiny", "--out", str(tmp_path)])
-  assert "Floor ratio" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Floor ratio" in out and "Bounds: where the time goes" in out
+  assert {row["T"] for row in results["bounds"]} == {2}
   assert json.loads((tmp_path / "tiny.json").read_text())["mode"] == "tiny"
   assert results["compile"]["retraces_over_steps"] == 0
   assert {row["method"] for row in results["methods"]} >= {"GradOPS", "PCGrad", "MGDA", "UPGrad"}

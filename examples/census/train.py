@@ -292,6 +292,10 @@ def main(epochs=200, seeds=5, methods=METHODS, quick=False, out=HERE / "RESULTS.
       results[name].append(run_method(name, splits, epochs, seed))
   rows = summarise(results)
   command = f"python examples/census/train.py --epochs {epochs} --seeds {seeds}" + (" --quick" if quick else "")
+  if tuple(methods) != METHODS:
+    command += " --methods " + " ".join(f"'{name}'" for name in methods)
+  if pathlib.Path(out).resolve() != (HERE / "RESULTS.md").resolve():
+    command += f" --out {out}"
   table = markdown(rows, epochs, seeds, time.perf_counter() - start, command, quick)
   pathlib.Path(out).write_text(table)
   print(table)

@@ -50,7 +50,7 @@ def scale_by_linear_scalarization(
     weights = np.asarray(weights, np.float64)  # full precision for float64 gradients
   if weights.shape != (num_tasks,):
     raise ValueError(f"weights must have shape ({num_tasks},), got {weights.shape}.")
-  _validate.check_finite_hyperparameter("weights", weights)
+  _validate.check_hyperparameter_range("weights", weights)
 
   def init_fn(params):
     _validate.check_params(params)
