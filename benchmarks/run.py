@@ -113,10 +113,9 @@ def bench_floor(sizes, tasks, repeats):
   return rows
 
 
-def two_pass_step(num_tasks):
+def two_pass_step():
   """The least work of any method that needs all the gradients before combining them:
   a full read for one number per task, then the weighted sum (a second read)."""
-  del num_tasks
 
   def step(grads):
     weights = jax.nn.softmax(sum(jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=1) for g in jax.tree.leaves(grads)))
@@ -163,7 +162,7 @@ def bench_bounds(size, tasks, repeats):
   for num_tasks in tasks:
     tree = stacked_tree(num_tasks, [(int(size),)])
     params = params_like(tree)
-    steps = {"floor": floor_step(num_tasks), "two_pass": two_pass_step(num_tasks),
+    steps = {"floor": floor_step(num_tasks), "two_pass": two_pass_step(),
              "gram64": float64_gram_step(num_tasks), "gram32": float32_gram_step(num_tasks),
              "gradops": aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params)}
     row = {"T": num_tasks, "D": int(size)}
