@@ -295,11 +295,20 @@ def min_norm_simplex_weights(
 
 
 def _solve_on_free_set(quadratic, linear, free):
-  """Exact solve of ``K_F v_F = -b_F`` on the free set ``F`` (0 elsewhere)."""
+  """Least-squares solve of ``K_F v_F = -b_F`` on the free set ``F`` (0 elsewhere).
+
+  Through the pseudo-inverse (duplicated tasks make ``K_F`` singular), with
+  one step of iterative refinement: an eigendecomposition is not backward
+  stable along a small eigenvalue (near-duplicate tasks), and one refinement
+  step brings the residual back to rounding.
+  """
   system = jnp.where(
       free[:, None] & free[None, :], quadratic, jnp.diag((~free).astype(quadratic.dtype))
   )
-  solution = jnp.linalg.pinv(system, hermitian=True) @ jnp.where(free, -linear, 0.0)
+  rhs = jnp.where(free, -linear, 0.0)
+  inverse = jnp.linalg.pinv(system, hermitian=True)
+  solution = inverse @ rhs
+  solution = solution + inverse @ (rhs - system @ solution)
   return jnp.where(free, solution, 0.0)
 
 
@@ -315,9 +324,12 @@ def _polish_nonnegative(quadratic, linear, v, tol):
   current point towards it until the first free entry reaches 0 (the
   objective does not rise on the way) and fix that entry at 0. With more
   tasks than dimensions the systems are singular and the free set from the
-  iterations is rarely the optimal one. At most ``3 T`` solves; returns the
-  positive solution of smallest KKT residual met on the way, or ``v`` when
-  none has a smaller one.
+  iterations is rarely the optimal one. An entry that is dropped again at
+  once (in exact arithmetic an entering entry stays positive; near-duplicate
+  tasks make its value a rounding error) may not enter again until another
+  entry has entered and stayed: otherwise the method would cycle. At most
+  ``3 T`` solves; returns the positive solution of smallest KKT residual met
+  on the way, or ``v`` when none has a smaller one.
   """
   num_tasks = linear.shape[0]
   eps = jnp.finfo(quadratic.dtype).eps
@@ -326,35 +338,39 @@ def _polish_nonnegative(quadratic, linear, v, tol):
     return 2 * (num_tasks + 2) * eps * jnp.max(jnp.abs(quadratic) @ x + jnp.abs(linear))
 
   def cond_fn(carry):
-    step, _, _, done, _, _ = carry
+    step, _, _, _, done, _, _ = carry
     return ~done & (step < 3 * num_tasks)
 
   def body_fn(carry):
-    step, point, free, _, best, best_residual = carry
+    step, point, free, blocked, _, best, best_residual = carry
     solution = _solve_on_free_set(quadratic, linear, free)
     positive = jnp.all(jnp.where(free, solution > 0, True))
     clipped = jnp.maximum(solution, 0.0)
     error = rounding(clipped)
     residual = jnp.where(positive, _nonnegative_residual(quadratic, linear, clipped), jnp.inf)
     better = residual < best_residual
-    # Positive, not optimal: free the entry of most negative gradient.
-    outside = jnp.where(free, jnp.inf, quadratic @ clipped + linear)
+    # Positive, not optimal: free the unblocked entry of most negative gradient.
+    outside = jnp.where(free | blocked, jnp.inf, quadratic @ clipped + linear)
     can_enter = jnp.min(outside) < -error
     grown = free | ((outside == jnp.min(outside)) & can_enter)
-    # Non-positive entries: the inner loop's step towards the solution.
+    # Non-positive entries: the inner loop's step towards the solution; an
+    # entry dropped where it entered (at 0) is blocked.
     moved, shrunk = _step_to_first_zero(point, solution, free)
+    dropped_at_once = free & ~shrunk & (point == 0)
     done = positive & (~can_enter | (residual <= jnp.maximum(tol, error)))
     return (
         step + 1,
         jnp.where(positive, clipped, moved),
         jnp.where(positive, grown, shrunk),
+        jnp.where(positive, blocked & ~jnp.any(free & ~blocked & (point == 0)), blocked | dropped_at_once),
         done,
         jnp.where(better, clipped, best),
         jnp.minimum(residual, best_residual),
     )
 
-  init = (jnp.array(0), v, v > 0, jnp.array(False), v, _nonnegative_residual(quadratic, linear, v))
-  return jax.lax.while_loop(cond_fn, body_fn, init)[4]
+  init = (jnp.array(0), v, v > 0, jnp.zeros_like(v, dtype=bool), jnp.array(False), v,
+          _nonnegative_residual(quadratic, linear, v))
+  return jax.lax.while_loop(cond_fn, body_fn, init)[5]
 
 
 def _nonnegative_residual(quadratic, linear, v):
