@@ -2,7 +2,7 @@
 
 Run once, in an environment with torch and torchjd (never in CI):
 
-    pip install torch==2.13.0 "torchjd[quadprog_projector,cagrad,nash_mtl]==0.18.0" numpy
+    pip install torch==2.13.0 "torchjd[quadprog-projector,cagrad,nash-mtl]==0.18.0" numpy
     python tests/data/make_torchjd_golden.py
 
 The inputs are float32 matrices (T, D) drawn here with a fixed seed; torchjd
