@@ -80,51 +80,46 @@ def _scaled_simplex_gap_rounding(cosine, scales, a):
   return 2 * (num_tasks + 2) * eps * jnp.max((jnp.abs(cosine) @ a) / scales)
 
 
-def _solve_symmetric(system, rhs):
-  """Solves a symmetric linear system; returns ``(solution, whether it solves it)``.
-
-  LU first: a system can be nonsingular with a smallest singular value below
-  any pseudo-inverse cutoff (huge tasks get weights ~1e10 in task-normalised
-  coordinates), and LU solves it to rounding. Singular systems (duplicated
-  tasks) make LU fail; the least-squares solution is then the one. A
-  solution counts when its backward error is at most 1e-12.
-  """
-
-  def backward_error(solution):
-    residual = jnp.max(jnp.abs(system @ solution - rhs))
-    scale = jnp.max(jnp.sum(jnp.abs(system), axis=1)) * jnp.max(jnp.abs(solution)) + jnp.max(jnp.abs(rhs))
-    return jnp.where(jnp.all(jnp.isfinite(solution)), residual / jnp.maximum(scale, jnp.finfo(system.dtype).tiny), jnp.inf)
-
-  direct = jnp.linalg.solve(system, rhs)
-  least_squares = jnp.linalg.pinv(system, hermitian=True) @ rhs
-  use_direct = backward_error(direct) <= 1e-12
-  solution = jnp.where(use_direct, direct, least_squares)
-  return solution, use_direct | (backward_error(least_squares) <= 1e-12)
-
-
 def _solve_on_support(cosine, scales, support):
-  """Solves the KKT system ``C_S a_S = mu s_S, s^T a = 1`` on ``support``.
+  r"""Minimises :math:`a^\top C a` over the affine set of the ``support`` S,
+  :math:`\{a_i = 0 \text{ off } S,\ s^\top a = 1\}`, by the null-space method.
 
-  On the right support this recovers the constrained minimiser to rounding
-  from an iterate that has identified the support, which the first-order
-  iterations reach long before they reach the minimiser itself.
+  With :math:`a = a_0 + y`, :math:`a_0 = s_S / \|s_S\|^2` and :math:`y` in
+  :math:`F = \{y_i = 0 \text{ off } S,\ s^\top y = 0\}` (projector
+  :math:`P`), the minimiser has :math:`P C P\, y = -P C a_0`. The reduced
+  Hessian :math:`PCP` (plus :math:`I - P`, which keeps the directions outside
+  :math:`F` apart) is decomposed into eigenvectors. Along a direction of
+  curvature below the rounding of the cosines the objective is linear; where
+  it also has a slope beyond rounding (two near-duplicate tasks, whose cosine
+  rounds to 1, differ resolvably in their cosines with a third task), the
+  minimum on the affine set is at infinity, and a descent direction is
+  returned instead. (Solving the singular system puts a huge component of
+  arbitrary sign along it, and the active-set step towards that drops either
+  task.) On the right support this recovers the constrained minimiser to
+  rounding from an iterate that has identified the support, which the
+  first-order iterations reach long before they reach the minimiser itself.
 
   Returns:
-    The least-squares solution (0 off the support), and whether it solves
-    the system (it does not when two tasks of the support are collinear with
-    different lengths: the system is then singular and inconsistent).
+    ``(solution, descent, bounded)``: the minimiser on the affine set (0 off
+    the support; along flat directions without slope, the one nearest
+    :math:`a_0`), a descent direction along the flat directions with slope
+    (0 off the support), and whether there is none (the minimum is attained).
   """
   num_tasks = cosine.shape[0]
-  both = support[:, None] & support[None, :]
-  system = jnp.zeros((num_tasks + 1, num_tasks + 1), cosine.dtype)
-  system = system.at[:num_tasks, :num_tasks].set(
-      jnp.where(both, cosine, jnp.diag((~support).astype(cosine.dtype)))
-  )
-  system = system.at[:num_tasks, num_tasks].set(jnp.where(support, scales, 0.0))
-  system = system.at[num_tasks, :num_tasks].set(jnp.where(support, scales, 0.0))
-  rhs = jnp.zeros((num_tasks + 1,), cosine.dtype).at[num_tasks].set(1.0)
-  solution, consistent = _solve_symmetric(system, rhs)
-  return jnp.where(support, solution[:num_tasks], 0.0), consistent
+  eps = jnp.finfo(cosine.dtype).eps
+  on_support = jnp.where(support, scales, 0.0)
+  norm_squared = on_support @ on_support
+  particular = on_support / jnp.where(norm_squared > 0, norm_squared, 1.0)
+  projector = jnp.diag(support.astype(cosine.dtype)) - jnp.outer(particular, on_support)
+  reduced = projector @ cosine @ projector + (jnp.eye(num_tasks, dtype=cosine.dtype) - projector)
+  curvatures, vectors = jnp.linalg.eigh((reduced + reduced.T) / 2)
+  slopes = vectors.T @ (projector @ (cosine @ particular))
+  flat = curvatures <= 4 * (num_tasks + 2) * eps * jnp.max(jnp.abs(cosine))
+  sloped = flat & (jnp.abs(slopes) > 2 * (num_tasks + 2) * eps * jnp.max(jnp.abs(cosine) @ particular))
+  steps = jnp.where(flat, 0.0, slopes / jnp.where(flat, 1.0, curvatures))
+  solution = jnp.where(support, particular - vectors @ steps, 0.0)
+  descent = jnp.where(support, -(vectors @ jnp.where(sloped, slopes, 0.0)), 0.0)
+  return solution, descent, ~jnp.any(sloped)
 
 
 def _step_to_first_zero(point, solution, active):
@@ -159,9 +154,10 @@ def _polish(cosine, scales, a, tol):
   * if it has negative weights, move from the current point towards it until
     the first weight reaches 0 (the objective does not rise on the way) and
     drop that task;
-  * if the system is inconsistent (two tasks of the support collinear with
-    different lengths), drop the least optimal tasks, of largest
-    :math:`(Ca)_i / s_i`.
+  * if the objective falls without bound along a flat direction of the
+    support's affine set (near-duplicate tasks; see
+    :func:`_solve_on_support`), move along it until the first weight reaches
+    0 and drop that task.
 
   At most ``3 T`` solves; returns ``a`` when none qualifies.
   """
@@ -174,7 +170,7 @@ def _polish(cosine, scales, a, tol):
 
   def body_fn(carry):
     step, point, support, _, best = carry
-    solution, consistent = _solve_on_support(cosine, scales, support)
+    solution, descent, bounded = _solve_on_support(cosine, scales, support)
     # Back onto s^T a = 1, which an ill-conditioned solve meets only to its
     # conditioning (weights ~1e10 for huge opposite tasks); the gap below
     # certifies the result.
@@ -182,7 +178,7 @@ def _polish(cosine, scales, a, tol):
     total = scales @ clipped
     clipped = clipped / jnp.where(total > 0, total, 1.0)
     nonnegative = (
-        consistent
+        bounded
         & jnp.all(solution >= -1e-9 * jnp.max(jnp.abs(solution)))
         & (jnp.abs(total - 1.0) <= 1e-6)
     )
@@ -194,15 +190,15 @@ def _polish(cosine, scales, a, tol):
     entering = outside == jnp.min(outside)
     can_enter = jnp.min(outside) < clipped @ (cosine @ clipped) - rounding
     grown = (clipped > 0) | (entering & can_enter)
-    # Negative weights: the inner loop's step towards the solution.
-    moved, shrunk = _step_to_first_zero(point, solution, support)
-    # Inconsistent: drop the least optimal tasks.
-    point_optimality = (cosine @ point) / scales
-    kept = support & (point_optimality != jnp.max(jnp.where(support, point_optimality, -jnp.inf)))
-    kept_point = jnp.where(kept, point, 0.0)
-    kept_point = kept_point / jnp.where(jnp.any(kept), scales @ kept_point, 1.0)
-    next_point = jnp.where(nonnegative, clipped, jnp.where(consistent, moved, kept_point))
-    next_support = jnp.where(nonnegative, grown, jnp.where(consistent, shrunk, kept))
+    # Negative weights: the inner loop's step towards the solution. Unbounded:
+    # the same step along the descent direction, to a target far enough that
+    # every weight it decreases is negative there.
+    decreasing = support & (descent < 0)
+    reach = 2 * jnp.max(jnp.where(decreasing, point / jnp.where(decreasing, -descent, 1.0), 0.0))
+    target = jnp.where(bounded, solution, point + reach * descent)
+    moved, shrunk = _step_to_first_zero(point, target, support)
+    next_point = jnp.where(nonnegative, clipped, moved)
+    next_support = jnp.where(nonnegative, grown, shrunk)
     done = found | (nonnegative & ~can_enter)
     return step + 1, next_point, next_support, done, jnp.where(found, clipped, best)
 
@@ -445,7 +441,9 @@ def minimize_on_simplex(
   objective rises. Stops when the Frank-Wolfe gap
   :math:`\nabla f(w)^\top w - \min_i \nabla f(w)_i` (an upper bound on
   :math:`f(w) - \min f`) is at most ``tol``, or after ``max_iters`` trial
-  steps. Scale the problem so that ``tol`` is meaningful.
+  steps, and returns the iterate of smallest gap met on the way (for a
+  Lagrangian dual, the gap is the duality gap of the primal point that the
+  iterate gives). Scale the problem so that ``tol`` is meaningful.
 
   Args:
     value_and_grad: ``w -> (f(w), grad f(w))``.
@@ -465,20 +463,26 @@ def minimize_on_simplex(
     <https://doi.org/10.1007/s10208-013-9150-3>`_, Found. Comput. Math. 2015.
   """
 
+  eps = jnp.finfo(dtype).eps
+
   def gap(w, gradient):
     return w @ gradient - jnp.min(gradient)
 
   def cond_fn(carry):
-    step, (w, _, gradient), _, _, _ = carry
+    step, (w, _, gradient), _, _, _, _ = carry
     return (step < max_iters) & (gap(w, gradient) > tol)
 
   def body_fn(carry):
-    step, (w, value, gradient), point, momentum, step_size = carry
+    step, (w, value, gradient), point, momentum, step_size, best = carry
     point_value, point_gradient = value_and_grad(point)
     candidate = project_onto_simplex(point - step_size * point_gradient)
     candidate_value, candidate_gradient = value_and_grad(candidate)
     move = candidate - point
-    accept = candidate_value <= point_value + point_gradient @ move + (move @ move) / (2 * step_size)
+    # The sufficient-decrease test, up to the rounding of the two values:
+    # near the minimiser the decrease falls below it, and without the slack
+    # every trial would be rejected and the step size halved to nothing.
+    slack = 4 * eps * (jnp.abs(point_value) + jnp.abs(candidate_value))
+    accept = candidate_value <= point_value + point_gradient @ move + (move @ move) / (2 * step_size) + slack
     next_momentum = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * momentum**2))
     extrapolated = candidate + ((momentum - 1.0) / next_momentum) * (candidate - w)
     restart = candidate_value > value
@@ -489,8 +493,13 @@ def minimize_on_simplex(
         ((candidate, candidate_value, candidate_gradient), next_point, next_momentum),
         ((w, value, gradient), point, momentum),
     )
-    return (step + 1, *accepted, jnp.where(accept, 1.2 * step_size, 0.5 * step_size))
+    (next_w, _, next_gradient), _, _ = accepted
+    next_gap = gap(next_w, next_gradient)
+    best = jax.tree.map(lambda new, old: jnp.where(next_gap < best[1], new, old), (next_w, next_gap), best)
+    return (step + 1, *accepted, jnp.where(accept, 1.2 * step_size, 0.5 * step_size), best)
 
   w0 = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
-  init = (jnp.array(0), (w0, *value_and_grad(w0)), w0, jnp.array(1.0, dtype), jnp.array(1.0, dtype))
-  return jax.lax.while_loop(cond_fn, body_fn, init)[1][0]
+  value0, gradient0 = value_and_grad(w0)
+  init = (jnp.array(0), (w0, value0, gradient0), w0, jnp.array(1.0, dtype), jnp.array(1.0, dtype),
+          (w0, gap(w0, gradient0)))
+  return jax.lax.while_loop(cond_fn, body_fn, init)[-1][0]
