@@ -120,7 +120,8 @@ def _apply_edit(rng, matrix, edit, dtype):
 def task_gradients(draw, dtypes=DTYPES, max_num_tasks=64) -> TaskGradients:
   """Draws a :class:`TaskGradients` example."""
   num_tasks = draw(st.sampled_from([t for t in NUM_TASKS if t <= max_num_tasks]))
-  structure = STRUCTURES[draw(st.sampled_from(sorted(STRUCTURES)))]
+  structure_name = draw(st.sampled_from(sorted(STRUCTURES)))
+  structure = STRUCTURES[structure_name]
   dtype = draw(st.sampled_from(dtypes))
   rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
   shapes = [shape for _, shape in sorted(_flatten_shapes(structure))]
@@ -140,14 +141,20 @@ def task_gradients(draw, dtypes=DTYPES, max_num_tasks=64) -> TaskGradients:
     if edit[0] == "subnormal":
       matrix = _apply_edit(rng, matrix, edit, dtype)
   cast = np.asarray(jnp.asarray(matrix.astype(np.float64), dtype) if dtype != "float64" else matrix)
+  return from_matrix(cast, structure_name, dtype, edits)
+
+
+def from_matrix(matrix, structure_name, dtype, edits) -> TaskGradients:
+  """The example whose ``(T, D)`` matrix, of values representable in ``dtype``,
+  is laid out in the leaves of ``STRUCTURES[structure_name]``."""
   tree, start = {}, 0
   leaves = []
-  for path, shape in sorted(_flatten_shapes(structure)):
+  for path, shape in sorted(_flatten_shapes(STRUCTURES[structure_name])):
     size = int(np.prod(shape, dtype=int))
-    leaves.append((path, cast[:, start : start + size].reshape((num_tasks, *shape))))
+    leaves.append((path, matrix[:, start : start + size].astype(jnp.dtype(dtype)).reshape((-1, *shape))))
     start += size
   tree = _unflatten(leaves)
-  return TaskGradients(tree=tree, matrix=cast.astype(np.float64), dtype=dtype, edits=edits)
+  return TaskGradients(tree=tree, matrix=np.asarray(matrix, np.float64), dtype=dtype, edits=edits)
 
 
 def _flatten_shapes(structure, prefix=()):

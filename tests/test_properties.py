@@ -26,7 +26,9 @@ number times :math:`2\\|d\\| + T \\|g_j\\|` (``_flush_error``).
 
 Profiles (``tests/conftest.py``): ``ci`` (default, 300 examples per
 transform, derandomised) and ``thorough`` (10,000 per transform):
-``pytest tests/test_properties.py --hypothesis-profile=thorough``.
+``pytest tests/test_properties.py --hypothesis-profile=thorough``. Inputs on
+which a thorough run found a bug are replayed on every run as explicit
+examples (``tests/regressions.py``).
 """
 
 import functools
@@ -37,11 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import example
 from hypothesis import given
 
 import gradops_jax
 from gradops_jax.gradops import default_rank_rtol
 from tests import reference
+from tests import regressions
 from tests import strategies
 from tests.transforms import METHODS
 
@@ -184,6 +188,9 @@ def _assert_agrees(example, update, expected, tol):
 
 @pytest.mark.parametrize("method", ["gradops", "gradops_alpha-2"])
 @given(example=strategies.task_gradients())
+@example(example=regressions.load("gradops_fallback_tiny_task"))
+@example(example=regressions.load("gradops_near_duplicate_tiny_task"))
+@example(example=regressions.load("mgda_near_duplicates"))
 def test_gradops(method, example):
   update, state = _run(method, example)
   grads, num_tasks = example.matrix, example.num_tasks
@@ -221,6 +228,10 @@ def test_gradops(method, example):
 
 
 @given(example=strategies.task_gradients())
+@example(example=regressions.load("upgrad_duplicate_t64"))
+@example(example=regressions.load("upgrad_near_duplicates_t64"))
+@example(example=regressions.load("upgrad_rounded_opposite_t8"))
+@example(example=regressions.load("upgrad_scaled_opposite"))
 def test_upgrad(example):
   update, state = _run("upgrad", example)
   grads, num_tasks = example.matrix, example.num_tasks
@@ -234,6 +245,9 @@ def test_upgrad(example):
 
 
 @given(example=strategies.task_gradients())
+@example(example=regressions.load("mgda_near_duplicates"))
+@example(example=regressions.load("mgda_near_duplicate_and_flip"))
+@example(example=regressions.load("gradops_fallback_tiny_task"))
 def test_mgda(example):
   update, state = _run("mgda", example)
   grads = example.matrix
@@ -265,6 +279,8 @@ def test_conicgrad_stays_in_its_cone(c, example):
 
 
 @given(example=strategies.task_gradients(max_num_tasks=16))
+@example(example=regressions.load("cagrad_near_duplicates"))
+@example(example=regressions.load("mgda_near_duplicates"))
 def test_cagrad(example):
   update, state = _run("cagrad", example)
   grads = example.matrix
