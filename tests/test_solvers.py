@@ -24,6 +24,26 @@ def test_min_norm_matches_exhaustive_reference(seed, num_tasks, dim):
   np.testing.assert_allclose(weights @ grads, expected @ grads, atol=1e-6 * np.sqrt(scale))
 
 
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("size", [1e-7, 1e-8, 1e-9])
+def test_min_norm_near_duplicate_tasks(seed, size):
+  """Two tasks a relative ``size`` apart, whose cosine rounds to 1 below
+  1.5e-8: the curvature between them is lost in the Gram matrix, but their
+  cosines with a third task differ resolvably, and the optimum keeps only the
+  better one (a singular KKT solve split the weight between them)."""
+  rng = np.random.default_rng(seed)
+  grads = rng.standard_normal((3, 6)) * np.array([[1.0], [1.6], [1.6]])
+  noise = rng.standard_normal(6)
+  grads[2] = grads[1] + size * np.linalg.norm(grads[1]) * noise / np.linalg.norm(noise)
+  with jax.enable_x64(True):
+    weights = np.asarray(jax.jit(gradops_jax.min_norm_simplex_weights)(jnp.asarray(grads @ grads.T)))
+  d = weights @ grads
+  # Optimality g_j . d >= ||d||^2, to rounding.
+  assert np.min(grads @ d) >= (1 - 1e-12) * (d @ d)
+  expected = reference.min_norm_point_weights(grads) @ grads
+  np.testing.assert_allclose(d, expected, rtol=0, atol=1e-12 * np.abs(grads).max())
+
+
 def test_min_norm_all_zero_is_uniform():
   with jax.enable_x64(True):
     weights = gradops_jax.min_norm_simplex_weights(jnp.zeros((4, 4)))
