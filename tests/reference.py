@@ -239,7 +239,7 @@ def cagrad_reference(grads: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarra
   gram = g @ g.T
   gram = gram / max(np.max(np.diag(gram)), 1e-300)
   b = np.ones(num_tasks) / num_tasks
-  radius = c * np.sqrt(b @ gram @ b)
+  radius = c * np.sqrt(max(b @ gram @ b, 0.0))  # rounds below 0 when the tasks cancel
 
   def objective(x):
     return x @ gram @ b + radius * np.sqrt(max(x @ gram @ x, 0.0))

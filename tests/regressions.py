@@ -66,6 +66,18 @@ CASES = {
         " improvement 2.7e-6 below SLSQP's (fixed: rounding slack in the"
         " sufficient-decrease test of solvers.minimize_on_simplex)",
     ),
+    "gradops_gram_schmidt_order": (
+        "float32", (("zero", 3),),
+        "GradOPS oracle check: 8 tasks of rank 3; the literal Gram-Schmidt kept a"
+        " vector of relative length 0.005 and amplified float32 rounding into a"
+        " residual above rank_rtol, so only the package's reading used the MGDA"
+        " fallback (test: compare only where both readings of Eq. 1 agree on rank)",
+    ),
+    "cagrad_cancelling_pair": (
+        "float32", (("opposite", 0, 1, 1.0), ("near_duplicate", 0, 0, 1e-08)),
+        "CAGrad oracle: ||g0||^2 of two cancelling tasks rounded below 0 and"
+        " its square root warned (oracle: clamped at 0)",
+    ),
 }
 
 _STRUCTURE_BY_DIM = {40: "mixed", 6: "narrow"}
