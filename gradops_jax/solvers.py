@@ -441,9 +441,7 @@ def minimize_on_simplex(
   objective rises. Stops when the Frank-Wolfe gap
   :math:`\nabla f(w)^\top w - \min_i \nabla f(w)_i` (an upper bound on
   :math:`f(w) - \min f`) is at most ``tol``, or after ``max_iters`` trial
-  steps, and returns the iterate of smallest gap met on the way (for a
-  Lagrangian dual, the gap is the duality gap of the primal point that the
-  iterate gives). Scale the problem so that ``tol`` is meaningful.
+  steps. Scale the problem so that ``tol`` is meaningful.
 
   Args:
     value_and_grad: ``w -> (f(w), grad f(w))``.
@@ -469,11 +467,11 @@ def minimize_on_simplex(
     return w @ gradient - jnp.min(gradient)
 
   def cond_fn(carry):
-    step, (w, _, gradient), _, _, _, _ = carry
+    step, (w, _, gradient), _, _, _ = carry
     return (step < max_iters) & (gap(w, gradient) > tol)
 
   def body_fn(carry):
-    step, (w, value, gradient), point, momentum, step_size, best = carry
+    step, (w, value, gradient), point, momentum, step_size = carry
     point_value, point_gradient = value_and_grad(point)
     candidate = project_onto_simplex(point - step_size * point_gradient)
     candidate_value, candidate_gradient = value_and_grad(candidate)
@@ -493,13 +491,8 @@ def minimize_on_simplex(
         ((candidate, candidate_value, candidate_gradient), next_point, next_momentum),
         ((w, value, gradient), point, momentum),
     )
-    (next_w, _, next_gradient), _, _ = accepted
-    next_gap = gap(next_w, next_gradient)
-    best = jax.tree.map(lambda new, old: jnp.where(next_gap < best[1], new, old), (next_w, next_gap), best)
-    return (step + 1, *accepted, jnp.where(accept, 1.2 * step_size, 0.5 * step_size), best)
+    return (step + 1, *accepted, jnp.where(accept, 1.2 * step_size, 0.5 * step_size))
 
   w0 = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
-  value0, gradient0 = value_and_grad(w0)
-  init = (jnp.array(0), (w0, value0, gradient0), w0, jnp.array(1.0, dtype), jnp.array(1.0, dtype),
-          (w0, gap(w0, gradient0)))
-  return jax.lax.while_loop(cond_fn, body_fn, init)[-1][0]
+  init = (jnp.array(0), (w0, *value_and_grad(w0)), w0, jnp.array(1.0, dtype), jnp.array(1.0, dtype))
+  return jax.lax.while_loop(cond_fn, body_fn, init)[1][0]

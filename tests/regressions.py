@@ -78,6 +78,13 @@ CASES = {
         "CAGrad oracle: ||g0||^2 of two cancelling tasks rounded below 0 and"
         " its square root warned (oracle: clamped at 0)",
     ),
+    "cagrad_zero_task_t8": (
+        "float32", (("zero", 6),),
+        "CAGrad, 8 tasks in 6 dimensions and a zero task: the dual optimum has"
+        " g_w = 0, where the Frank-Wolfe gap is undefined; returning the"
+        " smallest-gap iterate (2de16c4, reverted) missed the degenerate branch"
+        " and a task lost 2e-4",
+    ),
 }
 
 _STRUCTURE_BY_DIM = {40: "mixed", 6: "narrow"}

@@ -317,6 +317,7 @@ def test_conicgrad_stays_in_its_cone(c, example):
 @example(example=regressions.load("cagrad_near_duplicates"))
 @example(example=regressions.load("mgda_near_duplicates"))
 @example(example=regressions.load("cagrad_cancelling_pair"))
+@example(example=regressions.load("cagrad_zero_task_t8"))
 def test_cagrad(example):
   update, state = _run("cagrad", example)
   grads = example.matrix
