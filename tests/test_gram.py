@@ -56,7 +56,7 @@ def test_float64_gram_is_accurate_where_float32_gram_and_qr_are_not():
     ],
 )
 def test_blocked_gram_and_combine_on_every_block_layout(shape):
-  """Both forms of the Gram pass (scanned, partitionable) and the combine are exact."""
+  """Every form of the Gram pass (CPU kernel, scanned, partitionable) and the combine are exact."""
   rng = np.random.default_rng(5)
   size = int(np.prod(shape))
   matrix = rng.standard_normal((3, size)).astype(np.float32)
@@ -68,7 +68,11 @@ def test_blocked_gram_and_combine_on_every_block_layout(shape):
     combined = jax.jit(gram_lib.combine)(tree, coefficients)
     leaf_grams = [
         np.asarray(jax.jit(form)(tree["leaf"]))
-        for form in (gram_lib._scanned_leaf_gram, gram_lib._partitionable_leaf_gram)
+        for form in (
+            gram_lib.leaf_gram,
+            lambda leaf: gram_lib._scanned_gram(jnp.reshape(leaf, (3, -1))),
+            gram_lib._partitionable_leaf_gram,
+        )
     ]
   expected_gram = exact @ exact.T + exact[:, :1] @ exact[:, :1].T
   # float64 summation error of a dot product, bounded by |g_i| |g_j| (Cauchy-Schwarz).

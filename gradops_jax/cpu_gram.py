@@ -1,0 +1,187 @@
+r"""The Gram pass on CPU: a small C++ kernel called through the XLA FFI.
+
+XLA's CPU backend compiles the reduction of a ``(T, D)`` leaf to its
+:math:`T \times T` Gram matrix into one sequential loop: on the 2-core
+benchmark machine it took 3 to 8 times as long as one read of the leaf (see
+``benchmarks/README.md``). The kernel in ``csrc/gram_kernel.cc`` does the same
+arithmetic as :func:`gradops_jax.gram.leaf_gram` (float64 sums of the exact
+products of float32 inputs) at about the speed of that one read:
+
+* the columns are cut into chunks that depend only on ``(T, D)``; XLA's own
+  intra-op thread pool runs them, so the result does not depend on the
+  number of threads or on timing;
+* each chunk converts cache-sized blocks of all ``T`` rows to float64 and
+  forms their Gram matrix in :math:`4 \times 4` tiles of task pairs whose
+  accumulators stay in vector registers.
+
+The kernel is compiled on first use with the system's C++ compiler (``$CXX``,
+else ``c++``) against the FFI headers that ship with jaxlib, for the CPU it
+runs on (``-march=native``), and cached under ``$GRADOPS_JAX_CACHE_DIR``
+(default ``~/.cache/gradops_jax``), keyed by the source, the compiler, jaxlib
+and the CPU. If no compiler is found or the build fails, a log message says
+why and the Gram pass stays in XLA, with the same results up to the order of
+float64 sums. ``GRADOPS_JAX_CPU_KERNEL=0`` turns the kernel off. On GPU and
+TPU the XLA reduction is always used: :func:`gram` is lowered per platform.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "gram_kernel.cc"
+# dtype of the (T, D) input -> (FFI target name, handler symbol in the library).
+_HANDLERS = {
+    jnp.dtype(jnp.float32): ("gradops_jax_gram_f32", "GramF32"),
+    jnp.dtype(jnp.float64): ("gradops_jax_gram_f64", "GramF64"),
+}
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+
+logger = logging.getLogger(__name__)
+
+
+def _cache_dir() -> pathlib.Path:
+  if "GRADOPS_JAX_CACHE_DIR" in os.environ:
+    return pathlib.Path(os.environ["GRADOPS_JAX_CACHE_DIR"])
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "gradops_jax"
+
+
+def _cpu_features() -> str:
+  """The CPU's model and feature flags, which ``-march=native`` compiles for."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    lines = []
+  wanted = ("model name", "flags", "Features", "CPU part")
+  described = {line.split(":")[0].strip(): line for line in lines if line.startswith(wanted)}
+  return platform.machine() + "".join(sorted(described.values()))
+
+
+def _build(compiler: str, native: bool) -> pathlib.Path:
+  """Compiles the kernel into the cache, unless a build for this setup is there."""
+  flags = _FLAGS + (("-march=native",) if native else ())
+  version = subprocess.run(
+      [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
+  ).stdout
+  key = hashlib.sha256(
+      "\n".join(
+          [_SOURCE.read_text(), version, " ".join(flags), jaxlib.__version__, _cpu_features()]
+      ).encode()
+  ).hexdigest()[:20]
+  library = _cache_dir() / f"gram_kernel-{key}.so"
+  if library.exists():
+    return library
+  library.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+    built = pathlib.Path(scratch) / library.name
+    subprocess.run(
+        [compiler, *flags, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    os.replace(built, library)  # atomic: concurrent builds leave one whole file
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel is built and registered (builds it on the first call).
+
+  Returns:
+    ``True`` when :func:`gram` will run the kernel on CPU, ``False`` when
+    the Gram pass stays in XLA (kernel turned off, no compiler, or a failed
+    build; the log says which).
+  """
+  if os.environ.get("GRADOPS_JAX_CPU_KERNEL", "1") == "0":
+    return False
+  compiler = shutil.which(os.environ.get("CXX", "c++"))
+  if compiler is None:
+    logger.warning("gradops_jax: no C++ compiler found; the Gram pass stays in XLA on CPU.")
+    return False
+  errors = []
+  for native in (True, False):
+    try:
+      library = ctypes.CDLL(str(_build(compiler, native)))
+    except (OSError, subprocess.SubprocessError) as error:
+      errors.append(getattr(error, "stderr", None) or str(error))
+      continue
+    for target, symbol in _HANDLERS.values():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return True
+  logger.warning(
+      "gradops_jax: building the CPU Gram kernel failed; the Gram pass stays in XLA.\n%s",
+      "\n".join(errors),
+  )
+  return False
+
+
+def _kernel_gram(rows: jax.Array) -> jax.Array:
+  num_tasks = rows.shape[0]
+  target, _ = _HANDLERS[rows.dtype]
+  result = jax.ShapeDtypeStruct((num_tasks, num_tasks), jnp.float64)
+  return jax.ffi.ffi_call(target, result, vmap_method="sequential")(rows)
+
+
+def gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  r"""Float64 Gram matrix :math:`R R^\top` of ``(T, D)`` rows: the kernel on CPU, else ``fallback``.
+
+  .. math::
+
+    K_{ij} = \sum_k r_{ik} r_{jk}
+
+  The choice is made when the program is lowered, per platform
+  (:func:`jax.lax.platform_dependent`), so one jitted function runs the
+  kernel on CPU and ``fallback`` on GPU and TPU. ``fallback`` also runs on
+  CPU for other dtypes and when the kernel is not :func:`available`. The
+  derivative is that of the formula,
+  :math:`\dot K = \dot R R^\top + R \dot R^\top`. Call it inside
+  ``jax.enable_x64(True)``.
+
+  Args:
+    rows: a ``(T, D)`` array.
+    fallback: the XLA computation of the same matrix.
+
+  Returns:
+    The ``(T, T)`` float64 Gram matrix.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gradops_jax import cpu_gram
+    >>> rows = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> with jax.enable_x64(True):
+    ...   print(cpu_gram.gram(rows, lambda r: jnp.dot(r, r.T).astype(jnp.float64)))
+    [[ 5. 11.]
+     [11. 25.]]
+
+  References:
+    `The XLA FFI <https://docs.jax.dev/en/latest/ffi.html>`_.
+  """
+
+  @jax.custom_jvp
+  def gram_of(rows):
+    return jax.lax.platform_dependent(rows, cpu=_kernel_gram, default=fallback)
+
+  @gram_of.defjvp
+  def gram_jvp(primals, tangents):
+    (rows,), (tangent,) = primals, tangents
+    rows64, tangent64 = rows.astype(jnp.float64), tangent.astype(jnp.float64)
+    half = jnp.dot(tangent64, rows64.T, precision=jax.lax.Precision.HIGHEST)
+    return gram_of(rows), half + half.T
+
+  if rows.dtype not in _HANDLERS or not available():
+    return fallback(rows)
+  return gram_of(rows)
