@@ -5,14 +5,16 @@
 // two float32 numbers is exact in double, so for float32 input the only
 // rounding is that of the double sums.
 //
-// The columns are split into one contiguous range per thread. Each thread
-// converts a cache-sized block of all T rows to double (rows padded with
-// zeros to a multiple of kTile, columns to a multiple of the vector width),
-// then forms the block's Gram matrix tile by tile: a kTile x kTile tile of
-// task pairs keeps its kTile^2 vector accumulators in registers, so each
-// loaded vector serves kTile products. The per-thread partial matrices are
-// added up at the end in a fixed order, so the result does not depend on
-// timing.
+// The columns are cut into chunks that depend only on (T, D); the calling
+// thread and helpers on XLA's intra-op thread pool take chunks until none is
+// left. A chunk converts cache-sized blocks of all T rows to double (rows
+// padded with zeros to a multiple of the tile, columns to a multiple of the
+// vector width), then forms each block's Gram matrix tile by tile: an N x N
+// tile of task pairs (N = T for T <= 4, else 4) keeps its accumulators in
+// vector registers, so each loaded vector serves N products, and a diagonal
+// tile forms only its upper triangle. Each chunk has its own partial matrix;
+// they are added up in chunk order, so the result does not depend on the
+// number of threads or on timing.
 
 #include <algorithm>
 #include <cstdint>
@@ -34,7 +36,8 @@ constexpr int kLanes = 8;
 #else
 constexpr int kLanes = 4;
 #endif
-constexpr int kTile = 4;
+// Largest tile of task pairs: kMaxTile^2 vector accumulators stay in registers.
+constexpr int kMaxTile = 4;
 
 typedef double Vec __attribute__((vector_size(kLanes * sizeof(double))));
 
@@ -50,36 +53,37 @@ inline double Sum(Vec v) {
   return s;
 }
 
-// Adds the tile (i0.., j0..) of the Gram matrix of the first `width` columns
-// of `rows` (rows `stride` doubles apart; width a multiple of kLanes) to `gram`.
+// Adds the N x N tile (i0.., j0..) of the Gram matrix of the first `width`
+// columns of `rows` (rows `stride` doubles apart; width a multiple of kLanes)
+// to `lanes`, which holds each entry's kLanes partial sums. A diagonal tile
+// (i0 == j0) forms only its upper triangle.
+template <int N, bool kDiagonal>
 inline void AddTile(const double* rows, int64_t stride, int64_t width, int64_t i0,
-                    int64_t j0, int64_t padded_tasks, double* gram) {
-  Vec acc[kTile][kTile] = {};
-  const double* a[kTile];
-  const double* b[kTile];
-  for (int t = 0; t < kTile; ++t) {
-    a[t] = rows + (i0 + t) * stride;
-    b[t] = rows + (j0 + t) * stride;
-  }
+                    int64_t j0, int64_t padded_tasks, Vec* lanes) {
+  Vec acc[N][N] = {};
   for (int64_t k = 0; k < width; k += kLanes) {
-    Vec va[kTile], vb[kTile];
-    for (int t = 0; t < kTile; ++t) {
-      va[t] = Load(a[t] + k);
-      vb[t] = Load(b[t] + k);
+    Vec va[N], vb[N];
+    for (int t = 0; t < N; ++t) {
+      va[t] = Load(rows + (i0 + t) * stride + k);
+      vb[t] = kDiagonal ? va[t] : Load(rows + (j0 + t) * stride + k);
     }
-    for (int i = 0; i < kTile; ++i)
-      for (int j = 0; j < kTile; ++j) acc[i][j] += va[i] * vb[j];
+    for (int i = 0; i < N; ++i)
+      for (int j = kDiagonal ? i : 0; j < N; ++j) acc[i][j] += va[i] * vb[j];
   }
-  for (int i = 0; i < kTile; ++i)
-    for (int j = 0; j < kTile; ++j) gram[(i0 + i) * padded_tasks + j0 + j] += Sum(acc[i][j]);
+  for (int i = 0; i < N; ++i)
+    for (int j = kDiagonal ? i : 0; j < N; ++j)
+      lanes[(i0 + i) * padded_tasks + j0 + j] += acc[i][j];
 }
 
-// Adds the Gram matrix of columns [begin, end) of x (T rows of length
-// `length`) to `gram` (padded_tasks x padded_tasks, upper tiles only).
-template <typename In>
+// Writes the Gram matrix of columns [begin, end) of x (T rows of length
+// `length`) into `gram` (padded_tasks x padded_tasks, upper triangle), in
+// N x N tiles (padded_tasks is a multiple of N). Each entry keeps kLanes
+// partial sums over the whole range, summed once at the end.
+template <int N, typename In>
 void PartialGram(const In* x, int64_t tasks, int64_t length, int64_t begin,
                  int64_t end, int64_t padded_tasks, int64_t block, double* gram) {
   std::vector<double> rows(padded_tasks * block, 0.0);
+  std::vector<Vec> lanes(padded_tasks * padded_tasks, Vec{});
   for (int64_t start = begin; start < end; start += block) {
     const int64_t count = std::min(block, end - start);
     const int64_t width = (count + kLanes - 1) / kLanes * kLanes;
@@ -89,10 +93,13 @@ void PartialGram(const In* x, int64_t tasks, int64_t length, int64_t begin,
       for (int64_t k = 0; k < count; ++k) target[k] = static_cast<double>(source[k]);
       for (int64_t k = count; k < width; ++k) target[k] = 0.0;
     }
-    for (int64_t i0 = 0; i0 < padded_tasks; i0 += kTile)
-      for (int64_t j0 = i0; j0 < padded_tasks; j0 += kTile)
-        AddTile(rows.data(), block, width, i0, j0, padded_tasks, gram);
+    for (int64_t i0 = 0; i0 < padded_tasks; i0 += N) {
+      AddTile<N, true>(rows.data(), block, width, i0, i0, padded_tasks, lanes.data());
+      for (int64_t j0 = i0 + N; j0 < padded_tasks; j0 += N)
+        AddTile<N, false>(rows.data(), block, width, i0, j0, padded_tasks, lanes.data());
+    }
   }
+  for (int64_t entry = 0; entry < padded_tasks * padded_tasks; ++entry) gram[entry] = Sum(lanes[entry]);
 }
 
 // Columns of the input per chunk of work, in elements of T x D. The chunks,
@@ -105,7 +112,7 @@ constexpr int64_t kMaxChunks = 64;
 template <typename In>
 struct GramWork {
   const In* x;
-  int64_t tasks, length, padded_tasks, block, num_chunks, columns_per_chunk;
+  int64_t tasks, length, tile, padded_tasks, block, num_chunks, columns_per_chunk;
   std::vector<double> partial;  // num_chunks x padded_tasks^2
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -117,8 +124,13 @@ struct GramWork {
     for (int64_t chunk; (chunk = next.fetch_add(1)) < num_chunks;) {
       const int64_t begin = std::min(length, chunk * columns_per_chunk);
       const int64_t end = std::min(length, begin + columns_per_chunk);
-      PartialGram(x, tasks, length, begin, end, padded_tasks, block,
-                  partial.data() + chunk * padded_tasks * padded_tasks);
+      double* gram = partial.data() + chunk * padded_tasks * padded_tasks;
+      switch (tile) {  // T <= 4: one tile of exactly T rows; else tiles of 4
+        case 1: PartialGram<1>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
+        case 2: PartialGram<2>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
+        case 3: PartialGram<3>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
+        default: PartialGram<kMaxTile>(x, tasks, length, begin, end, padded_tasks, block, gram);
+      }
       if (done.fetch_add(1) + 1 == num_chunks) {
         std::lock_guard<std::mutex> lock(mutex);
         finished.notify_all();
@@ -133,7 +145,8 @@ void Gram(const In* x, int64_t tasks, int64_t length, ffi::ThreadPool& pool, dou
   work->x = x;
   work->tasks = tasks;
   work->length = length;
-  work->padded_tasks = (tasks + kTile - 1) / kTile * kTile;
+  work->tile = std::min<int64_t>(std::max<int64_t>(tasks, 1), kMaxTile);
+  work->padded_tasks = (tasks + work->tile - 1) / work->tile * work->tile;
   // Rows of one block fit in 32 KiB (a level-1 data cache).
   int64_t block = 4096 / work->padded_tasks / kLanes * kLanes;
   work->block = std::max<int64_t>(kLanes * 8, std::min<int64_t>(block, 1024));
