@@ -146,11 +146,23 @@ def float32_gram_step(num_tasks):
 
 
 def float64_gram_step(num_tasks):
-  """Our Gram pass alone (exact float32 products, float64 sums)."""
+  """Our Gram pass alone (exact float32 products, float64 sums); on CPU, the FFI kernel."""
 
   def gram(grads):
     with jax.enable_x64(True):
       return gradops_jax.gram.task_gram(grads, num_tasks)
+
+  return jax.jit(gram)
+
+
+def xla_gram_step(num_tasks):
+  """The same pass in XLA (a scan of float64 block products): what GPU and TPU run,
+  and CPU without the kernel."""
+
+  def gram(grads):
+    with jax.enable_x64(True):
+      leaves = jax.tree.leaves(grads)
+      return sum(gradops_jax.gram._scanned_gram(jnp.reshape(leaf, (num_tasks, -1))) for leaf in leaves)
 
   return jax.jit(gram)
 
@@ -163,7 +175,8 @@ def bench_bounds(size, tasks, repeats):
     tree = stacked_tree(num_tasks, [(int(size),)])
     params = params_like(tree)
     steps = {"floor": floor_step(num_tasks), "two_pass": two_pass_step(),
-             "gram64": float64_gram_step(num_tasks), "gram32": float32_gram_step(num_tasks),
+             "gram64": float64_gram_step(num_tasks), "gram64_xla": xla_gram_step(num_tasks),
+             "gram32": float32_gram_step(num_tasks),
              "gradops": aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params)}
     row = {"T": num_tasks, "D": int(size)}
     for name, step in steps.items():
@@ -414,7 +427,8 @@ def bench_task_gradients(width, num_tasks, batch, repeats):
 
 def markdown(results):
   lines = [f"# gradops_jax benchmarks ({results['mode']})", "",
-           f"Machine: {results['machine']}", ""]
+           f"Machine: {results['machine']}; CPU Gram kernel (gradops_jax.cpu_gram): "
+           f"{'built' if results['cpu_gram_kernel'] else 'not available, Gram pass in XLA'}", ""]
   lines += ["## 1. Floor ratio (scale_by_gradops / one weighted sum over tasks)", "",
             "| D | layout | T | gradops ms | floor ms | ratio |", "|---|---|---|---|---|---|"]
   lines += [f"| {r['D']:.2e} | {r['layout']} | {r['T']} | {r['gradops_ms']:.2f} | {r['floor_ms']:.2f} | {r['floor_ratio']:.2f} |"
@@ -461,12 +475,14 @@ def markdown(results):
             "Times in ms, each with the cores it keeps busy (process CPU time / wall time). "
             "*two reads*: one number per task from a full read, then the weighted sum, the least "
             "any method that must see every gradient before combining them can do once the "
-            "gradients do not fit in cache. *Gram f64*: our Gram pass alone. *Gram f32*: the "
+            "gradients do not fit in cache. *Gram f64*: our Gram pass alone (the CPU kernel where "
+            "it is built). *Gram f64, XLA*: the same pass in XLA, as GPU and TPU run it. *Gram f32*: the "
             "fastest Gram pass we found XLA:CPU to compile (float32 block products, not used).", "",
-            "| T | D | floor | two reads | Gram f64 | Gram f32 | GradOPS | torchjd PCGrad | two reads / torchjd PCGrad |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| T | D | floor | two reads | Gram f64 | Gram f64, XLA | Gram f32 | GradOPS | torchjd PCGrad | two reads / torchjd PCGrad |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
   for r in results["bounds"]:
-    cells = [f"{r[f'{k}_ms']:.2f} ({r[f'{k}_cores']:.1f})" for k in ("floor", "two_pass", "gram64", "gram32", "gradops")]
+    keys = ("floor", "two_pass", "gram64", "gram64_xla", "gram32", "gradops")
+    cells = [f"{r[f'{k}_ms']:.2f} ({r[f'{k}_cores']:.1f})" for k in keys]
     peer = "skipped" if r["torchjd_pcgrad_ms"] is None else f"{r['torchjd_pcgrad_ms']:.2f}"
     best = f"{r['best_possible_vs_torchjd_pcgrad']:.2f}" if "best_possible_vs_torchjd_pcgrad" in r else ""
     lines.append(f"| {r['T']} | {r['D']:.1e} | " + " | ".join(cells) + f" | {peer} | {best} |")
@@ -524,7 +540,8 @@ def main(argv=None):
   mode = args.mode or "quick"
   m = MODES[mode]
   results = {"mode": mode,
-             "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} cores, jax {jax.__version__}"}
+             "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} cores, jax {jax.__version__}",
+             "cpu_gram_kernel": gradops_jax.cpu_gram.available()}
   results["floor"] = bench_floor(m["floor_sizes"], m["floor_tasks"], m["repeats"])
   results["methods"] = bench_methods_and_peers(m["method_size"], m["method_tasks"], m["repeats"])
   results["scaling_D"], results["scaling_T"] = bench_scaling(

@@ -115,7 +115,8 @@ def test_nnx_paths_name_layers():
 
 def test_chained_scores_read_the_gradients_once():
   """Jitted in front of an aggregator, the scores reuse its per-leaf Gram
-  matrices: the compiled program reads no more bytes and runs no more loops."""
+  matrices: the compiled program reads no more bytes and runs no more loops
+  or Gram kernels (gradops_jax.cpu_gram)."""
   num_tasks = 4
   params = {"a": {"kernel": jnp.zeros((512, 256)), "bias": jnp.zeros(256)}, "b": {"kernel": jnp.zeros((256, 64))}}
   grads = jax.tree.map(lambda leaf: jnp.ones((num_tasks, *leaf.shape)), params)
@@ -126,7 +127,8 @@ def test_chained_scores_read_the_gradients_once():
     return jax.jit(tx.update).lower(grads, tx.init(params), params).compile()
 
   alone, together = compiled(aggregator), compiled(chained)
-  assert together.as_text().count(" while(") == alone.as_text().count(" while(")
+  for instruction in (" while(", " custom-call("):
+    assert together.as_text().count(instruction) == alone.as_text().count(instruction)
   alone_bytes = alone.cost_analysis()["bytes accessed"]
   together_bytes = together.cost_analysis()["bytes accessed"]
   gradient_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(grads))
