@@ -34,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from typing import Callable
 
 import jax
@@ -49,6 +50,8 @@ _HANDLERS = {
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
 logger = logging.getLogger(__name__)
+_BUILD_LOCK = threading.Lock()
+_REGISTERED = []  # the library whose handlers XLA calls, once registered
 
 
 def _cache_dir() -> pathlib.Path:
@@ -105,7 +108,17 @@ def available() -> bool:
     ``True`` when :func:`gram` will run the kernel on CPU, ``False`` when
     the Gram pass stays in XLA (kernel turned off, no compiler, or a failed
     build; the log says which).
+
+  Example:
+    >>> from gradops_jax import cpu_gram
+    >>> isinstance(cpu_gram.available(), bool)
+    True
   """
+  with _BUILD_LOCK:  # functools.cache alone may run this twice in two threads
+    return _build_and_register()
+
+
+def _build_and_register() -> bool:
   if os.environ.get("GRADOPS_JAX_CPU_KERNEL", "1") == "0":
     return False
   compiler = shutil.which(os.environ.get("CXX", "c++"))
@@ -119,8 +132,10 @@ def available() -> bool:
     except (OSError, subprocess.SubprocessError) as error:
       errors.append(getattr(error, "stderr", None) or str(error))
       continue
-    for target, symbol in _HANDLERS.values():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    if not _REGISTERED:  # once per process; the list keeps the library loaded
+      for target, symbol in _HANDLERS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+      _REGISTERED.append(library)
     return True
   logger.warning(
       "gradops_jax: building the CPU Gram kernel failed; the Gram pass stays in XLA.\n%s",
