@@ -151,6 +151,19 @@ def _kernel_gram(rows: jax.Array) -> jax.Array:
   return jax.ffi.ffi_call(target, result, vmap_method="sequential")(rows)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _per_platform_gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  return jax.lax.platform_dependent(rows, cpu=_kernel_gram, default=fallback)
+
+
+@_per_platform_gram.defjvp
+def _per_platform_gram_jvp(fallback, primals, tangents):
+  (rows,), (tangent,) = primals, tangents
+  rows64, tangent64 = rows.astype(jnp.float64), tangent.astype(jnp.float64)
+  half = jnp.dot(tangent64, rows64.T, precision=jax.lax.Precision.HIGHEST)
+  return _per_platform_gram(rows, fallback), half + half.T
+
+
 def gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Array:
   r"""Float64 Gram matrix :math:`R R^\top` of ``(T, D)`` rows: the kernel on CPU, else ``fallback``.
 
@@ -185,18 +198,6 @@ def gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Arr
   References:
     `The XLA FFI <https://docs.jax.dev/en/latest/ffi.html>`_.
   """
-
-  @jax.custom_jvp
-  def gram_of(rows):
-    return jax.lax.platform_dependent(rows, cpu=_kernel_gram, default=fallback)
-
-  @gram_of.defjvp
-  def gram_jvp(primals, tangents):
-    (rows,), (tangent,) = primals, tangents
-    rows64, tangent64 = rows.astype(jnp.float64), tangent.astype(jnp.float64)
-    half = jnp.dot(tangent64, rows64.T, precision=jax.lax.Precision.HIGHEST)
-    return gram_of(rows), half + half.T
-
   if rows.dtype not in _HANDLERS or not available():
     return fallback(rows)
-  return gram_of(rows)
+  return _per_platform_gram(rows, fallback)
