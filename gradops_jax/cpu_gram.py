@@ -10,9 +10,11 @@ products of float32 inputs) in 0.55 to 1.8 times that one read:
 * the columns are cut into chunks that depend only on ``(T, D)``; XLA's own
   intra-op thread pool runs them, so the result does not depend on the
   number of threads or on timing;
-* each chunk converts cache-sized blocks of all ``T`` rows to float64 and
-  forms their Gram matrix in :math:`N \times N` tiles of task pairs
-  (:math:`N = \min(T, 4)`) whose accumulators stay in vector registers.
+* each chunk forms the Gram matrix of blocks of columns in
+  :math:`N \times N` tiles of task pairs (:math:`N = T` for :math:`T \le 4`,
+  else 3 or 4) whose accumulators stay in vector registers; the diagonal
+  tiles convert the input to float64 as they read it and leave the converted
+  block in the level-1 cache for the off-diagonal tiles.
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``,
 else ``c++``) against the FFI headers that ship with jaxlib, for the CPU it

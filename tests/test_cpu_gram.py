@@ -50,10 +50,14 @@ def test_other_dtypes_stay_in_xla():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 4, 5, 8, 13, 64])
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 4, 5, 6, 7, 8, 13, 64])
 @pytest.mark.parametrize("size", [0, 1, 7, 1031, 300_007])
 def test_kernel_matches_float64_numpy(dtype, num_tasks, size):
-  """Every tile layout (T around multiples of 4), block tails and multi-chunk sizes."""
+  """Every tile layout, block tails and multi-chunk sizes.
+
+  T <= 4: one tile of T rows; 5, 6 and 13: tiles of 3 (5 and 13 padded with a zero row, 6 not);
+  7, 8 and 64: tiles of 4 (7 padded). Sizes not a multiple of the vector width have column tails.
+  """
   rng = np.random.default_rng(num_tasks * 1000 + size)
   rows = rng.standard_normal((num_tasks, size)).astype(dtype)
   _assert_exact(_jitted_leaf_gram(rows), rows)

@@ -7,14 +7,16 @@
 //
 // The columns are cut into chunks that depend only on (T, D); the calling
 // thread and helpers on XLA's intra-op thread pool take chunks until none is
-// left. A chunk converts cache-sized blocks of all T rows to double (rows
-// padded with zeros to a multiple of the tile, columns to a multiple of the
-// vector width), then forms each block's Gram matrix tile by tile: an N x N
-// tile of task pairs (N = T for T <= 4, else 4) keeps its accumulators in
-// vector registers, so each loaded vector serves N products, and a diagonal
-// tile forms only its upper triangle. Each chunk has its own partial matrix;
-// they are added up in chunk order, so the result does not depend on the
-// number of threads or on timing.
+// left. A chunk walks through blocks of columns and forms each block's Gram
+// matrix tile by tile. An N x N tile of task pairs (N = T for T <= 4, else 3
+// or 4, whichever pads T to fewer rows; padded rows are zeros) keeps its
+// accumulators in vector registers, so each loaded vector serves N products.
+// The diagonal tiles read the input and convert it to double in registers,
+// forming only their upper triangle; when there is more than one tile, they
+// also store the converted rows into a small buffer that stays in the
+// level-1 cache, from which the off-diagonal tiles read. Each chunk has its
+// own partial matrix; they are added up in chunk order, so the result does
+// not depend on the number of threads or on timing.
 
 #include <algorithm>
 #include <cstdint>
@@ -24,6 +26,10 @@
 #include <memory>
 #include <mutex>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -47,56 +53,120 @@ inline Vec Load(const double* p) {
   return v;
 }
 
+inline void Store(double* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// kLanes values of the input, as doubles.
+inline Vec LoadAsDouble(const double* p) { return Load(p); }
+
+inline Vec LoadAsDouble(const float* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Vec>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));  // one instruction
+#else
+  typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+  Floats v;
+  std::memcpy(&v, p, sizeof(Floats));
+  return __builtin_convertvector(v, Vec);
+#endif
+}
+
 inline double Sum(Vec v) {
   double s = 0.0;
   for (int l = 0; l < kLanes; ++l) s += v[l];
   return s;
 }
 
-// Adds the N x N tile (i0.., j0..) of the Gram matrix of the first `width`
-// columns of `rows` (rows `stride` doubles apart; width a multiple of kLanes)
-// to `lanes`, which holds each entry's kLanes partial sums. A diagonal tile
-// (i0 == j0) forms only its upper triangle.
-template <int N, bool kDiagonal>
-inline void AddTile(const double* rows, int64_t stride, int64_t width, int64_t i0,
-                    int64_t j0, int64_t padded_tasks, Vec* lanes) {
+// Adds the diagonal N x N tile of the Gram matrix of the first `width`
+// columns (a multiple of kLanes) of the N rows `rows` to `lanes` (entry
+// (i, j) at lanes[i * padded_tasks + j], upper triangle), which holds each
+// entry's kLanes partial sums. Converts the rows to double as it reads them;
+// if kStore, also stores them (`stride` doubles apart) into `converted`.
+//
+// The tile functions are not inlined: inlined into the block loop, GCC kept
+// the accumulators in memory, which made the kernel 1.5 times slower.
+template <int N, bool kStore, typename In>
+__attribute__((noinline)) void AddDiagonalTile(const In* const* rows, int64_t width,
+                                               double* converted, int64_t stride,
+                                               int64_t padded_tasks, Vec* lanes) {
+  const In* row[N];  // a local copy, which the stores to `converted` cannot alias
+  for (int t = 0; t < N; ++t) row[t] = rows[t];
+  Vec acc[N][N] = {};
+  for (int64_t k = 0; k < width; k += kLanes) {
+    Vec v[N];
+    for (int t = 0; t < N; ++t) v[t] = LoadAsDouble(row[t] + k);
+    if (kStore)
+      for (int t = 0; t < N; ++t) Store(converted + t * stride + k, v[t]);
+    for (int i = 0; i < N; ++i)
+      for (int j = i; j < N; ++j) acc[i][j] += v[i] * v[j];
+  }
+  for (int i = 0; i < N; ++i)
+    for (int j = i; j < N; ++j) lanes[i * padded_tasks + j] += acc[i][j];
+}
+
+// Adds the N x N tile of products of rows a[0..N) and b[0..N) (converted
+// rows, `stride` doubles apart) over the first `width` columns to `lanes`
+// (entry (i, j) at lanes[i * padded_tasks + j]).
+template <int N>
+__attribute__((noinline)) void AddTile(const double* a, const double* b, int64_t stride,
+                                       int64_t width, int64_t padded_tasks, Vec* lanes) {
   Vec acc[N][N] = {};
   for (int64_t k = 0; k < width; k += kLanes) {
     Vec va[N], vb[N];
     for (int t = 0; t < N; ++t) {
-      va[t] = Load(rows + (i0 + t) * stride + k);
-      vb[t] = kDiagonal ? va[t] : Load(rows + (j0 + t) * stride + k);
+      va[t] = Load(a + t * stride + k);
+      vb[t] = Load(b + t * stride + k);
     }
     for (int i = 0; i < N; ++i)
-      for (int j = kDiagonal ? i : 0; j < N; ++j) acc[i][j] += va[i] * vb[j];
+      for (int j = 0; j < N; ++j) acc[i][j] += va[i] * vb[j];
   }
   for (int i = 0; i < N; ++i)
-    for (int j = kDiagonal ? i : 0; j < N; ++j)
-      lanes[(i0 + i) * padded_tasks + j0 + j] += acc[i][j];
+    for (int j = 0; j < N; ++j) lanes[i * padded_tasks + j] += acc[i][j];
+}
+
+// Adds the Gram matrix of `width` columns of `rows` (padded_tasks row
+// pointers; width a multiple of kLanes) to `lanes`, in N x N tiles. The
+// diagonal tiles read and convert the rows, and store them into `converted`
+// (padded_tasks rows, `stride` doubles apart) when off-diagonal tiles need them.
+template <int N, typename In>
+void AddBlock(const In* const* rows, int64_t width, int64_t padded_tasks, double* converted,
+              int64_t stride, Vec* lanes) {
+  if (padded_tasks == N) {  // one tile: nothing to store
+    AddDiagonalTile<N, false>(rows, width, converted, stride, padded_tasks, lanes);
+    return;
+  }
+  for (int64_t i0 = 0; i0 < padded_tasks; i0 += N)
+    AddDiagonalTile<N, true>(rows + i0, width, converted + i0 * stride, stride, padded_tasks,
+                             lanes + i0 * padded_tasks + i0);
+  for (int64_t i0 = 0; i0 < padded_tasks; i0 += N)
+    for (int64_t j0 = i0 + N; j0 < padded_tasks; j0 += N)
+      AddTile<N>(converted + i0 * stride, converted + j0 * stride, stride, width, padded_tasks,
+                 lanes + i0 * padded_tasks + j0);
 }
 
 // Writes the Gram matrix of columns [begin, end) of x (T rows of length
-// `length`) into `gram` (padded_tasks x padded_tasks, upper triangle), in
-// N x N tiles (padded_tasks is a multiple of N). Each entry keeps kLanes
-// partial sums over the whole range, summed once at the end.
+// `length`) into `gram` (padded_tasks x padded_tasks, upper triangle), block
+// by block of `block` columns (padded_tasks is a multiple of N; rows past T
+// are zeros). Each entry keeps kLanes partial sums over the whole range,
+// summed once at the end.
 template <int N, typename In>
-void PartialGram(const In* x, int64_t tasks, int64_t length, int64_t begin,
-                 int64_t end, int64_t padded_tasks, int64_t block, double* gram) {
-  std::vector<double> rows(padded_tasks * block, 0.0);
+void PartialGram(const In* x, int64_t tasks, int64_t length, int64_t begin, int64_t end,
+                 int64_t padded_tasks, int64_t block, double* gram) {
+  std::vector<Vec> converted(padded_tasks * block / kLanes);  // aligned to the vector size
   std::vector<Vec> lanes(padded_tasks * padded_tasks, Vec{});
+  const std::vector<In> zeros(block, In{0});
+  std::vector<In> tail(padded_tasks * kLanes, In{0});  // last columns, padded with zeros
+  std::vector<const In*> rows(padded_tasks), tail_rows(padded_tasks);
+  for (int64_t t = 0; t < padded_tasks; ++t) tail_rows[t] = tail.data() + t * kLanes;
+  double* const converted_rows = reinterpret_cast<double*>(converted.data());
   for (int64_t start = begin; start < end; start += block) {
     const int64_t count = std::min(block, end - start);
-    const int64_t width = (count + kLanes - 1) / kLanes * kLanes;
-    for (int64_t t = 0; t < tasks; ++t) {
-      const In* source = x + t * length + start;
-      double* target = rows.data() + t * block;
-      for (int64_t k = 0; k < count; ++k) target[k] = static_cast<double>(source[k]);
-      for (int64_t k = count; k < width; ++k) target[k] = 0.0;
-    }
-    for (int64_t i0 = 0; i0 < padded_tasks; i0 += N) {
-      AddTile<N, true>(rows.data(), block, width, i0, i0, padded_tasks, lanes.data());
-      for (int64_t j0 = i0 + N; j0 < padded_tasks; j0 += N)
-        AddTile<N, false>(rows.data(), block, width, i0, j0, padded_tasks, lanes.data());
+    const int64_t whole = count / kLanes * kLanes;
+    for (int64_t t = 0; t < padded_tasks; ++t)
+      rows[t] = t < tasks ? x + t * length + start : zeros.data();
+    AddBlock<N>(rows.data(), whole, padded_tasks, converted_rows, block, lanes.data());
+    if (whole < count) {
+      for (int64_t t = 0; t < tasks; ++t)
+        std::copy(rows[t] + whole, rows[t] + count, tail.data() + t * kLanes);
+      AddBlock<N>(tail_rows.data(), kLanes, padded_tasks, converted_rows, block, lanes.data());
     }
   }
   for (int64_t entry = 0; entry < padded_tasks * padded_tasks; ++entry) gram[entry] = Sum(lanes[entry]);
@@ -125,11 +195,11 @@ struct GramWork {
       const int64_t begin = std::min(length, chunk * columns_per_chunk);
       const int64_t end = std::min(length, begin + columns_per_chunk);
       double* gram = partial.data() + chunk * padded_tasks * padded_tasks;
-      switch (tile) {  // T <= 4: one tile of exactly T rows; else tiles of 4
+      switch (tile) {
         case 1: PartialGram<1>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
         case 2: PartialGram<2>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
         case 3: PartialGram<3>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
-        default: PartialGram<kMaxTile>(x, tasks, length, begin, end, padded_tasks, block, gram);
+        default: PartialGram<4>(x, tasks, length, begin, end, padded_tasks, block, gram);
       }
       if (done.fetch_add(1) + 1 == num_chunks) {
         std::lock_guard<std::mutex> lock(mutex);
@@ -145,10 +215,13 @@ void Gram(const In* x, int64_t tasks, int64_t length, ffi::ThreadPool& pool, dou
   work->x = x;
   work->tasks = tasks;
   work->length = length;
-  work->tile = std::min<int64_t>(std::max<int64_t>(tasks, 1), kMaxTile);
-  work->padded_tasks = (tasks + work->tile - 1) / work->tile * work->tile;
-  // Rows of one block fit in 32 KiB (a level-1 data cache).
-  int64_t block = 4096 / work->padded_tasks / kLanes * kLanes;
+  // T <= 4: one tile of exactly T rows. Else tiles of 3 or 4 rows, whichever
+  // pads T to fewer rows (each padded row costs products of zeros).
+  const auto padded = [tasks](int64_t tile) { return (tasks + tile - 1) / tile * tile; };
+  work->tile = tasks <= kMaxTile ? std::max<int64_t>(tasks, 1) : padded(3) < padded(4) ? 3 : 4;
+  work->padded_tasks = padded(work->tile);
+  // One block of converted rows fits in 16 KiB (a third of a level-1 data cache).
+  int64_t block = 2048 / work->padded_tasks / kLanes * kLanes;
   work->block = std::max<int64_t>(kLanes * 8, std::min<int64_t>(block, 1024));
   const int64_t num_blocks = (length + work->block - 1) / work->block;
   const int64_t wanted = std::min(kMaxChunks, tasks * length / kElementsPerChunk);
