@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick     # a few minutes on 2 CPU cores
     python -m benchmarks.run --full      # the sizes of the targets
     python -m benchmarks.run --tiny      # seconds; what the smoke test runs
+    python -m benchmarks.run --full --keep-freed-memory --out benchmarks/results/kept-memory
 
 Every time is the median of jitted, warmed-up calls with ``block_until_ready``,
 and every speed figure is a ratio of two times measured side by side in this
@@ -12,6 +13,7 @@ be imported the peer rows say "skipped".
 """
 
 import argparse
+import ctypes
 import json
 import os
 import pathlib
@@ -40,6 +42,27 @@ RESNET18_SHAPES = (
     + [(3, 3, 512, 512), (512,), (512,)] * 2
     + [(512, 1000), (1000,)]
 )
+
+
+def keep_freed_memory():
+  """Makes glibc's malloc serve large blocks from its heap and keep the memory freed.
+
+  By default glibc maps every block of more than 32 MB afresh and unmaps it
+  when it is freed, so a call that returns a 40 MB array (XLA's and torch's
+  alike) page-faults its output in again every time: at T=3, D=1e7 that was
+  7 of the 11 ms of the weighted-sum floor. Thresholds of 2 GB
+  (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``) turn that off for the whole
+  process, so for both sides of every ratio.
+
+  Returns:
+    Whether glibc took both settings (``False`` where there is no glibc).
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return False
+  m_trim_threshold, m_mmap_threshold = -1, -3
+  return all(libc.mallopt(option, 2**31 - 1) == 1 for option in (m_mmap_threshold, m_trim_threshold))
 
 
 def median_time(fn, *args, repeats):
@@ -428,7 +451,8 @@ def bench_task_gradients(width, num_tasks, batch, repeats):
 def markdown(results):
   lines = [f"# gradops_jax benchmarks ({results['mode']})", "",
            f"Machine: {results['machine']}; CPU Gram kernel (gradops_jax.cpu_gram): "
-           f"{'built' if results['cpu_gram_kernel'] else 'not available, Gram pass in XLA'}", ""]
+           f"{'built' if results['cpu_gram_kernel'] else 'not available, Gram pass in XLA'}; "
+           f"malloc: {results['malloc']}", ""]
   lines += ["## 1. Floor ratio (scale_by_gradops / one weighted sum over tasks)", "",
             "| D | layout | T | gradops ms | floor ms | ratio |", "|---|---|---|---|---|---|"]
   lines += [f"| {r['D']:.2e} | {r['layout']} | {r['T']} | {r['gradops_ms']:.2f} | {r['floor_ms']:.2f} | {r['floor_ratio']:.2f} |"
@@ -536,12 +560,17 @@ def main(argv=None):
   for mode in MODES:
     group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode)
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--keep-freed-memory", action="store_true",
+                      help="glibc malloc keeps freed memory, for XLA and torch alike (see keep_freed_memory)")
   args = parser.parse_args(argv)
   mode = args.mode or "quick"
   m = MODES[mode]
+  malloc = "system default"
+  if args.keep_freed_memory:
+    malloc = "glibc keeps freed memory (mallopt)" if keep_freed_memory() else "system default (mallopt refused)"
   results = {"mode": mode,
              "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} cores, jax {jax.__version__}",
-             "cpu_gram_kernel": gradops_jax.cpu_gram.available()}
+             "cpu_gram_kernel": gradops_jax.cpu_gram.available(), "malloc": malloc}
   results["floor"] = bench_floor(m["floor_sizes"], m["floor_tasks"], m["repeats"])
   results["methods"] = bench_methods_and_peers(m["method_size"], m["method_tasks"], m["repeats"])
   results["scaling_D"], results["scaling_T"] = bench_scaling(
