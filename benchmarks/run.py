@@ -65,15 +65,27 @@ def keep_freed_memory():
   return all(libc.mallopt(option, 2**31 - 1) == 1 for option in (m_mmap_threshold, m_trim_threshold))
 
 
+def median_times(calls, repeats):
+  """Median wall time of each call in ``calls`` (name -> (fn, args)), measured side by side.
+
+  After one warm-up call each, the calls take turns, one call each per round,
+  for ``repeats`` rounds, so that the machine's slow spells fall on all of
+  them alike.
+  """
+  for fn, args in calls.values():
+    jax.block_until_ready(fn(*args))
+  samples = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (fn, args) in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      samples[name].append(time.perf_counter() - start)
+  return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def median_time(fn, *args, repeats):
   """Median wall time of ``fn(*args)`` after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return median_times({"": (fn, args)}, repeats)[""]
 
 
 def cores_used(fn, *args, repeats):
@@ -128,8 +140,9 @@ def bench_floor(sizes, tasks, repeats):
       for num_tasks in tasks:
         tree = stacked_tree(num_tasks, shapes)
         params = params_like(tree)
-        ours = median_time(aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params), tree, repeats=repeats)
-        floor = median_time(floor_step(num_tasks), tree, repeats=repeats)
+        times = median_times({"ours": (aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params), (tree,)),
+                              "floor": (floor_step(num_tasks), (tree,))}, repeats)
+        ours, floor = times["ours"], times["floor"]
         rows.append({"D": dim, "layout": layout, "T": num_tasks, "gradops_ms": 1e3 * ours,
                      "floor_ms": 1e3 * floor, "floor_ratio": ours / floor})
         del tree
@@ -201,14 +214,16 @@ def bench_bounds(size, tasks, repeats):
              "gram64": float64_gram_step(num_tasks), "gram64_xla": xla_gram_step(num_tasks),
              "gram32": float32_gram_step(num_tasks),
              "gradops": aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params)}
-    row = {"T": num_tasks, "D": int(size)}
-    for name, step in steps.items():
-      row[f"{name}_ms"] = 1e3 * median_time(step, tree, repeats=repeats)
-      row[f"{name}_cores"] = cores_used(step, tree, repeats=repeats)
-    row["torchjd_pcgrad_ms"] = None
+    calls = {name: (step, (tree,)) for name, step in steps.items()}
     if peers is not None:
-      matrix = torch.from_numpy(np.array(tree["leaf000"]))
-      row["torchjd_pcgrad_ms"] = 1e3 * median_time(peers["PCGrad"], matrix, repeats=repeats)
+      calls["torchjd_pcgrad"] = (peers["PCGrad"], (torch.from_numpy(np.array(tree["leaf000"])),))
+    times = median_times(calls, repeats)
+    row = {"T": num_tasks, "D": int(size), "torchjd_pcgrad_ms": None}
+    for name, seconds in times.items():
+      row[f"{name}_ms"] = 1e3 * seconds
+    for name, step in steps.items():
+      row[f"{name}_cores"] = cores_used(step, tree, repeats=repeats)
+    if peers is not None:
       row["best_possible_vs_torchjd_pcgrad"] = row["two_pass_ms"] / row["torchjd_pcgrad_ms"]
     rows.append(row)
     del tree
@@ -248,19 +263,22 @@ def bench_methods_and_peers(size, tasks, repeats):
   for num_tasks in tasks:
     tree = stacked_tree(num_tasks, [(int(size),)])
     params = params_like(tree)
-    matrix = None
-    if torch is not None:
+    transforms = method_transforms(num_tasks)
+    calls = {"floor": (floor_step(num_tasks), (tree,))}
+    calls.update({name: (aggregator_step(tx, params), (tree,)) for name, tx in transforms.items()})
+    if peers is not None:
       matrix = torch.from_numpy(np.array(tree["leaf000"]))
-    floor = median_time(floor_step(num_tasks), tree, repeats=repeats)
-    for name, tx in method_transforms(num_tasks).items():
-      ours = median_time(aggregator_step(tx, params), tree, repeats=repeats)
+      calls.update({f"torchjd {name}": (aggregator, (matrix,)) for name, aggregator in peers.items()})
+    times = median_times(calls, repeats)
+    floor = times["floor"]
+    for name in transforms:
+      ours = times[name]
       row = {"method": name, "T": num_tasks, "D": int(size), "ours_ms": 1e3 * ours, "floor_ratio": ours / floor}
       if peers is not None and name in peers:
-        theirs = median_time(peers[name], matrix, repeats=repeats)
+        theirs = times[f"torchjd {name}"]
         row.update(torchjd_ms=1e3 * theirs, peer_ratio=ours / theirs)
         if name == "PCGrad":  # the target compares our GradOPS with their PCGrad
-          gradops_ms = next(r["ours_ms"] for r in rows if r["method"] == "GradOPS" and r["T"] == num_tasks)
-          row["gradops_vs_torchjd_pcgrad"] = gradops_ms / (1e3 * theirs)
+          row["gradops_vs_torchjd_pcgrad"] = times["GradOPS"] / theirs
       else:
         row.update(torchjd_ms=None, peer_ratio="skipped" if name in ("PCGrad", "UPGrad", "MGDA", "Mean") else None)
       rows.append(row)
@@ -273,15 +291,17 @@ def bench_scaling(sizes, tasks, fixed_size, fixed_tasks, repeats):
   for size in sizes:
     tree = stacked_tree(fixed_tasks, [(int(size),)])
     params = params_like(tree)
-    ours = median_time(aggregator_step(gradops_jax.scale_by_gradops(fixed_tasks), params), tree, repeats=repeats)
-    floor = median_time(floor_step(fixed_tasks), tree, repeats=repeats)
+    times = median_times({"ours": (aggregator_step(gradops_jax.scale_by_gradops(fixed_tasks), params), (tree,)),
+                          "floor": (floor_step(fixed_tasks), (tree,))}, repeats)
+    ours, floor = times["ours"], times["floor"]
     by_size.append({"D": int(size), "T": fixed_tasks, "gradops_ms": 1e3 * ours, "floor_ms": 1e3 * floor})
   for num_tasks in tasks:
     tree = stacked_tree(num_tasks, [(int(fixed_size),)])
     params = params_like(tree)
     tx = gradops_jax.scale_by_gradops(num_tasks)
-    ours = median_time(aggregator_step(tx, params), tree, repeats=repeats)
-    floor = median_time(floor_step(num_tasks), tree, repeats=repeats)
+    times = median_times({"ours": (aggregator_step(tx, params), (tree,)), "floor": (floor_step(num_tasks), (tree,))},
+                         repeats)
+    ours, floor = times["ours"], times["floor"]
     gram = jnp.asarray(np.cov(np.random.default_rng(0).standard_normal((num_tasks, 4 * num_tasks))))
     with jax.enable_x64(True):
       solve = jax.jit(lambda k: gradops_jax.gradops_solve(k.astype(jnp.float64)).coefficients)
