@@ -12,9 +12,10 @@ products of float32 inputs) in 0.55 to 1.8 times that one read:
   number of threads or on timing;
 * each chunk forms the Gram matrix of blocks of columns in
   :math:`N \times N` tiles of task pairs (:math:`N = T` for :math:`T \le 4`,
-  else 3 or 4) whose accumulators stay in vector registers; the diagonal
-  tiles convert the input to float64 as they read it and leave the converted
-  block in the level-1 cache for the off-diagonal tiles.
+  else 3 or 4) whose accumulators stay in vector registers, converting the
+  input to float64 in registers as it reads it (for :math:`T > 8`, the
+  diagonal tiles leave the converted block in the level-1 cache for the
+  others).
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``,
 else ``c++``) against the FFI headers that ship with jaxlib, for the CPU it

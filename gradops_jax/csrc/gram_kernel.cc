@@ -8,15 +8,17 @@
 // The columns are cut into chunks that depend only on (T, D); the calling
 // thread and helpers on XLA's intra-op thread pool take chunks until none is
 // left. A chunk walks through blocks of columns and forms each block's Gram
-// matrix tile by tile. An N x N tile of task pairs (N = T for T <= 4, else 3
-// or 4, whichever pads T to fewer rows; padded rows are zeros) keeps its
-// accumulators in vector registers, so each loaded vector serves N products.
-// The diagonal tiles read the input and convert it to double in registers,
-// forming only their upper triangle; when there is more than one tile, they
-// also store the converted rows into a small buffer that stays in the
-// level-1 cache, from which the off-diagonal tiles read. Each chunk has its
-// own partial matrix; they are added up in chunk order, so the result does
-// not depend on the number of threads or on timing.
+// matrix tile by tile. An N x N tile of task pairs keeps its accumulators in
+// vector registers (sized for AVX-512's 32), so each loaded vector serves N
+// products: N = T for T <= 4, else 3 or 4, whichever pads T to fewer rows
+// (padded rows are zeros). The diagonal tiles read the input and convert it
+// to double in registers, forming only their upper triangle. With two groups
+// of N rows (T <= 8), the second group's pass also forms the products across
+// the groups, converting both as it reads them. With more groups, the
+// diagonal tiles also store the converted rows into a small buffer that
+// stays in the level-1 cache, from which the off-diagonal tiles read. Each
+// chunk has its own partial matrix; they are added up in chunk order, so
+// the result does not depend on the number of threads or on timing.
 
 #include <algorithm>
 #include <cstdint>
@@ -42,7 +44,9 @@ constexpr int kLanes = 8;
 #else
 constexpr int kLanes = 4;
 #endif
-// Largest tile of task pairs: kMaxTile^2 vector accumulators stay in registers.
+// Largest tile of task pairs: kMaxTile^2 vector accumulators stay in registers
+// with AVX-512 (32 vector registers). With 16 (AVX2), GCC spills some; on this
+// machine's AVX2 build, smaller tiles that fit were slower still.
 constexpr int kMaxTile = 4;
 
 typedef double Vec __attribute__((vector_size(kLanes * sizeof(double))));
@@ -122,15 +126,55 @@ __attribute__((noinline)) void AddTile(const double* a, const double* b, int64_t
     for (int j = 0; j < N; ++j) lanes[i * padded_tasks + j] += acc[i][j];
 }
 
+// For two groups of N rows, a and b: adds the products of a with b and the
+// diagonal tile of b (upper triangle) over the first `width` columns to
+// `lanes` (entry (i, j) of the Gram matrix of [a; b] at
+// lanes[i * padded_tasks + j]). Converts both groups as it reads them, so it
+// needs no buffer; the N x N products with b and b's triangle use
+// N^2 + N(N+1)/2 + N + 1 vector registers (31 for N = 4).
+template <int N, typename In>
+__attribute__((noinline)) void AddSecondGroup(const In* const* rows, int64_t width,
+                                              int64_t padded_tasks, Vec* lanes) {
+  const In* a[N];
+  const In* b[N];
+  for (int t = 0; t < N; ++t) {
+    a[t] = rows[t];
+    b[t] = rows[N + t];
+  }
+  Vec cross[N][N] = {};
+  Vec diagonal[N][N] = {};
+  for (int64_t k = 0; k < width; k += kLanes) {
+    Vec vb[N];
+    for (int t = 0; t < N; ++t) vb[t] = LoadAsDouble(b[t] + k);
+    for (int i = 0; i < N; ++i)
+      for (int j = i; j < N; ++j) diagonal[i][j] += vb[i] * vb[j];
+    for (int i = 0; i < N; ++i) {
+      const Vec va = LoadAsDouble(a[i] + k);
+      for (int j = 0; j < N; ++j) cross[i][j] += va * vb[j];
+    }
+  }
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) {
+      lanes[i * padded_tasks + N + j] += cross[i][j];
+      if (j >= i) lanes[(N + i) * padded_tasks + N + j] += diagonal[i][j];
+    }
+}
+
 // Adds the Gram matrix of `width` columns of `rows` (padded_tasks row
-// pointers; width a multiple of kLanes) to `lanes`, in N x N tiles. The
-// diagonal tiles read and convert the rows, and store them into `converted`
-// (padded_tasks rows, `stride` doubles apart) when off-diagonal tiles need them.
+// pointers; width a multiple of kLanes) to `lanes`, in N x N tiles. With
+// more than two groups of rows, the diagonal tiles store the converted rows
+// into `converted` (padded_tasks rows, `stride` doubles apart) for the
+// off-diagonal tiles.
 template <int N, typename In>
 void AddBlock(const In* const* rows, int64_t width, int64_t padded_tasks, double* converted,
               int64_t stride, Vec* lanes) {
   if (padded_tasks == N) {  // one tile: nothing to store
     AddDiagonalTile<N, false>(rows, width, converted, stride, padded_tasks, lanes);
+    return;
+  }
+  if (padded_tasks == 2 * N) {  // two groups: no buffer either
+    AddDiagonalTile<N, false>(rows, width, converted, stride, padded_tasks, lanes);
+    AddSecondGroup<N>(rows, width, padded_tasks, lanes);
     return;
   }
   for (int64_t i0 = 0; i0 < padded_tasks; i0 += N)
