@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import gradops_jax
-from gradops_jax.gradops import default_rank_rtol
+from gradops_jax.gradops import _active_cosine, _project_all_tasks, _project_one_task, default_rank_rtol
 from tests import cases as cases_lib
 from tests import reference
 
@@ -144,6 +144,29 @@ def test_float64_inputs_with_x64():
     assert updates["a"].dtype == jnp.float64
     expected, _ = reference.gradops_reference(matrix, -1.0, default_rank_rtol(5, jnp.float64))
     np.testing.assert_allclose(np.asarray(updates["a"]), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 5, 64])
+def test_one_inverse_gives_the_per_task_projections_when_well_conditioned(num_tasks):
+  """The projections from one inverse of the cosine matrix (taken when its smallest eigenvalue
+  exceeds 1e-3) against one eigendecomposition per task, row by row: projected, kept and zero
+  tasks."""
+  rng = np.random.default_rng(num_tasks)
+  grads = rng.standard_normal((num_tasks, 8 * num_tasks))
+  if num_tasks > 2:
+    grads[num_tasks // 2] = 0.0
+  with jax.enable_x64(True):
+    norms, _, cosine = gradops_jax.gram.cosine_from_gram(jnp.asarray(grads @ grads.T))
+    active = norms > 0
+    projected = jnp.arange(num_tasks) % 2 == 0  # the others keep their gradient
+    assert jnp.linalg.eigvalsh(_active_cosine(cosine, active))[0] > 1e-3
+    rank_rtol = default_rank_rtol(num_tasks, jnp.float32)
+    per_task = jax.vmap(_project_one_task, in_axes=(None, None, None, 0, None))(
+        cosine, active, projected, jnp.arange(num_tasks), rank_rtol
+    )
+    one_inverse = _project_all_tasks(cosine, active, projected)
+  assert not np.allclose(per_task, np.eye(num_tasks))  # some rows are projections
+  np.testing.assert_allclose(one_inverse, per_task, rtol=0, atol=1e-12)
 
 
 # No retrace on new values: see tests/test_battery.py (every method, GradOPS included).
