@@ -5,7 +5,7 @@ XLA's CPU backend compiles the reduction of a ``(T, D)`` leaf to its
 benchmark machine it took 3 to 8 times as long as one read of the leaf (see
 ``benchmarks/README.md``). The kernel in ``csrc/gram_kernel.cc`` does the same
 arithmetic as :func:`gradops_jax.gram.leaf_gram` (float64 sums of the exact
-products of float32 inputs) in 0.5 to 1.9 times that one read:
+products of float32 inputs) in 0.3 to 1.9 times that one read:
 
 * the columns are cut into chunks that depend only on ``(T, D)``; XLA's own
   intra-op thread pool runs them, so the result does not depend on the
