@@ -46,9 +46,15 @@ deterministic, none produces NaN or Inf from finite input):
   so float64 gradients cannot resolve shorter residuals than that.
   In Gram-Schmidt terms: a :math:`u_j` of Eq. 1 shorter than ``rank_rtol``
   times :math:`\|g_j\|` is dropped.
-* **Numerically zero projections.** A projected :math:`g'_i` shorter than
-  ``rank_rtol`` times :math:`\|g_i\|` is set to exactly zero (the task lies in
-  the span of the others).
+* **Numerically zero projections.** A projected
+  :math:`g'_i = \sum_j C_{ij} g_j` not longer than ``rank_rtol`` times its
+  size :math:`\sum_j |C_{ij}| \|g_j\|` (at least :math:`\|g_i\|`) is set
+  to exactly zero. Rounding scales with that size: the float64 Gram matrix
+  gives the residual's length to about :math:`\sqrt{\epsilon_{64}}` times
+  it, and forming the combination in the gradients' dtype errs by about
+  :math:`T \epsilon` times it. Off nearly dependent others, a residual of
+  pure rounding comes with large cancelling coefficients; kept, it would
+  give an update that is mostly rounding error and conflicts with the tasks.
 * **Zero task gradients.** :math:`g_i = 0` conflicts with nobody, spans
   nothing and has :math:`g'_i = 0`; its :math:`R_i` (0/0 in Eq. 3) is taken as
   0.
@@ -135,10 +141,9 @@ def default_rank_rtol(num_tasks: int, dtype: Any) -> float:
 
 
 def _project_one_task(
-    cosine: jax.Array, active: jax.Array, conflicting: jax.Array, task: jax.Array,
-    rank_rtol: float,
+    cosine: jax.Array, active: jax.Array, task: jax.Array, rank_rtol: float
 ) -> jax.Array:
-  """Row ``task`` of the projection matrix in the unit-normalised basis."""
+  """Residual of unit task ``task`` on the other active tasks (unit-normalised basis)."""
   num_tasks = cosine.shape[0]
   unit = jax.nn.one_hot(task, num_tasks, dtype=cosine.dtype)
   others = active & (jnp.arange(num_tasks) != task)
@@ -154,13 +159,7 @@ def _project_one_task(
   inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
   target = jnp.where(others, cosine[:, task], 0.0)
   least_squares = eigenvectors @ (inverse * (eigenvectors.T @ target))
-  residual = unit - least_squares
-  residual_norm_sq = residual @ cosine @ residual
-  residual = jnp.where(residual_norm_sq > rank_rtol**2, residual, 0.0)
-  keep_original = active[task] & ~conflicting[task]
-  return jnp.where(
-      active[task] & conflicting[task], residual, jnp.where(keep_original, unit, 0.0)
-  )
+  return unit - least_squares
 
 
 # Smallest eigenvalue of the active tasks' cosine matrix above which all the
@@ -175,10 +174,8 @@ def _active_cosine(cosine: jax.Array, active: jax.Array) -> jax.Array:
   return jnp.where(active[:, None] & active[None, :], cosine, identity)
 
 
-def _project_all_tasks(
-    cosine: jax.Array, active: jax.Array, conflicting: jax.Array
-) -> jax.Array:
-  r"""All rows of the projection matrix from one inverse.
+def _project_all_tasks(cosine: jax.Array, active: jax.Array) -> jax.Array:
+  r"""The residuals of all tasks from one inverse.
 
   With :math:`M` the active tasks' cosine matrix and :math:`P = M^{-1}`, the
   residual of :math:`u_i` on the other tasks is :math:`P_{i\cdot} / P_{ii}`
@@ -191,11 +188,28 @@ def _project_all_tasks(
   matrix = _active_cosine(cosine, active)
   identity = jnp.eye(cosine.shape[0], dtype=cosine.dtype)
   inverse = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(matrix), True), identity)
-  residual = inverse / jnp.diagonal(inverse)[:, None]
-  keep_original = active & ~conflicting
-  return jnp.where(
-      (active & conflicting)[:, None], residual, jnp.where(keep_original[:, None], identity, 0.0)
-  )
+  return inverse / jnp.diagonal(inverse)[:, None]
+
+
+def _select_projections(
+    residuals: jax.Array, cosine: jax.Array, active: jax.Array, conflicting: jax.Array,
+    rank_rtol: float,
+) -> jax.Array:
+  r"""Rows :math:`u'_i` of the projection matrix in the unit-normalised basis.
+
+  Conflicting tasks take their residual, unless it is not longer than
+  ``rank_rtol`` times the sum of its coefficients' magnitudes (its size as a
+  combination of unit gradients; at least 1, the task itself), which is
+  rounding (module docstring). Other active tasks keep their gradient; zero
+  tasks give zero.
+  """
+  length_sq = jnp.einsum("ij,jk,ik->i", residuals, cosine, residuals)
+  size = jnp.sum(jnp.abs(residuals), axis=1)
+  resolved = length_sq > (rank_rtol * size) ** 2
+  identity = jnp.eye(cosine.shape[0], dtype=cosine.dtype)
+  projected = (active & conflicting & resolved)[:, None]
+  keep_original = (active & ~conflicting)[:, None]
+  return jnp.where(projected, residuals, jnp.where(keep_original, identity, 0.0))
 
 
 def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> jax.Array:
@@ -265,13 +279,14 @@ def gradops_solve(
   threshold = max(_WELL_CONDITIONED, rank_rtol**2, resolution)
   shifted = _active_cosine(cosine, active) - threshold * jnp.eye(num_tasks, dtype=cosine.dtype)
   well_conditioned = jnp.all(jnp.isfinite(jnp.linalg.cholesky(shifted)))
-  unit_projection = jax.lax.cond(
+  residuals = jax.lax.cond(
       well_conditioned,
-      lambda: _project_all_tasks(cosine, active, conflicting),
-      lambda: jax.vmap(_project_one_task, in_axes=(None, None, None, 0, None))(
-          cosine, active, conflicting, jnp.arange(num_tasks), rank_rtol
+      lambda: _project_all_tasks(cosine, active),
+      lambda: jax.vmap(_project_one_task, in_axes=(None, None, 0, None))(
+          cosine, active, jnp.arange(num_tasks), rank_rtol
       ),
   )
+  unit_projection = _select_projections(residuals, cosine, active, conflicting, rank_rtol)
   # g'_i = n_i u'_i = sum_j (n_i P_ij / n_j) g_j.
   projection = norms[:, None] * unit_projection * inverse_norms[None, :]
   used_fallback = jnp.all(unit_projection == 0)

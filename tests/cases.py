@@ -29,6 +29,11 @@ def _near_collinear(rng, dim, one_minus_cos=1e-6):
   return np.stack([g1, g2, g3])
 
 
+def _unit(rng, dim):
+  vector = rng.standard_normal(dim)
+  return vector / np.linalg.norm(vector)
+
+
 def _split_scales(rng, grads, low, high):
   return grads * (10.0 ** rng.uniform(low, high, size=(grads.shape[0], 1)))
 
@@ -67,6 +72,12 @@ def hard_cases(seed: int = 0) -> dict:
   cases["tiny_1e-20"] = 1e-20 * _conflicting(rng, 3, dim)
   cases["huge_1e20"] = 1e20 * _conflicting(rng, 3, dim)
   cases["one_task_1e10_larger"] = _conflicting(rng, 4, dim) * np.array([[1e10], [1], [1], [1]])
+  # More tasks than dimensions with a pair at relative distance 1e-4: every
+  # task's residual off the others is rounding, which a solve from the Gram
+  # matrix sees as combinations with coefficients up to 3e4.
+  g = _conflicting(rng, 7, 6)
+  g[2] = g[0] + 1e-4 * np.linalg.norm(g[0]) * _unit(rng, 6)
+  cases["near_duplicate_pair_spanning"] = g
   return {name: value.astype(np.float32) for name, value in cases.items()}
 
 

@@ -82,6 +82,22 @@ def gram_schmidt_basis(vectors: list, rank_rtol: float) -> list:
   return basis
 
 
+def residual_size(others: np.ndarray, vector: np.ndarray, rank_rtol: float) -> float:
+  """Size sum_j |c_j| ||g_j|| of the residual vector - sum_j x_j g_j as a
+  combination (c = 1 on ``vector``, -x on ``others``), x the least-squares
+  coefficients on the others' unit directions of singular value above
+  ``rank_rtol``. GradOPS counts a residual not longer than rank_rtol times
+  this size as zero (the package's convention, ``gradops_jax.gradops``)."""
+  norms = np.linalg.norm(others, axis=1)
+  units = others[norms > 0] / norms[norms > 0, None]
+  if units.shape[0] == 0:
+    return float(np.linalg.norm(vector))
+  left, singular_values, right = np.linalg.svd(units, full_matrices=False)
+  kept = singular_values > rank_rtol
+  unit_coefficients = left[:, kept] @ ((right[kept] @ vector) / singular_values[kept])
+  return float(np.linalg.norm(vector) + np.sum(np.abs(unit_coefficients)))
+
+
 def gradops_reference(
     grads: np.ndarray, alpha: float, rank_rtol: float
 ) -> tuple[np.ndarray, dict]:
@@ -108,7 +124,7 @@ def gradops_reference(
       continue
     basis = gram_schmidt_basis([g[j] for j in range(num_tasks) if j != i], rank_rtol)
     g_prime = g[i] - sum(((u @ g[i]) / (u @ u) * u for u in basis), np.zeros_like(g[i]))
-    if np.linalg.norm(g_prime) <= rank_rtol * norms[i]:
+    if np.linalg.norm(g_prime) <= rank_rtol * residual_size(np.delete(g, i, axis=0), g[i], rank_rtol):
       g_prime = np.zeros_like(g_prime)
     projected_grads.append(g_prime)
     projected.append(True)

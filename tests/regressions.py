@@ -73,6 +73,14 @@ CASES = {
         " residual above rank_rtol, so only the package's reading used the MGDA"
         " fallback (test: compare only where both readings of Eq. 1 agree on rank)",
     ),
+    "gradops_flushed_near_duplicate_t8": (
+        "float32", (("near_duplicate", 0, 2, 0.001), ("subnormal", 3)),
+        "GradOPS, 8 tasks in 6 dimensions, a pair at 1e-3 and a subnormal task"
+        " (flushed to zero): every residual is rounding, but the Gram solve kept"
+        " residuals formed with coefficients of 6630, whose float32 combination"
+        " conflicted with the tasks by 6.6e-4 (fixed: a residual not longer than"
+        " rank_rtol times the size of its combination counts as zero)",
+    ),
     "cagrad_cancelling_pair": (
         "float32", (("opposite", 0, 1, 1.0), ("near_duplicate", 0, 0, 1e-08)),
         "CAGrad oracle: ||g0||^2 of two cancelling tasks rounded below 0 and"
