@@ -194,7 +194,9 @@ void AddBlock(const In* const* rows, int64_t width, int64_t padded_tasks, double
 template <int N, typename In>
 void PartialGram(const In* x, int64_t tasks, int64_t length, int64_t begin, int64_t end,
                  int64_t padded_tasks, int64_t block, double* gram) {
-  std::vector<Vec> converted(padded_tasks * block / kLanes);  // aligned to the vector size
+  // Converted rows, aligned to the vector size; only AddBlock's general case
+  // (more than two groups of rows) stores any.
+  std::vector<Vec> converted(padded_tasks > 2 * N ? padded_tasks * block / kLanes : 0);
   std::vector<Vec> lanes(padded_tasks * padded_tasks, Vec{});
   const std::vector<In> zeros(block, In{0});
   std::vector<In> tail(padded_tasks * kLanes, In{0});  // last columns, padded with zeros
