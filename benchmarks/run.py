@@ -4,6 +4,7 @@
     python -m benchmarks.run --full      # the sizes of the targets
     python -m benchmarks.run --tiny      # seconds; what the smoke test runs
     python -m benchmarks.run --full --keep-freed-memory --out benchmarks/results/kept-memory
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m benchmarks.run --full --out benchmarks/results/huge-pages
 
 Every time is the median of jitted, warmed-up calls with ``block_until_ready``,
 and every speed figure is a ratio of two times measured side by side in this
@@ -585,9 +586,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   mode = args.mode or "quick"
   m = MODES[mode]
-  malloc = "system default"
+  settings = [f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"] if os.environ.get("GLIBC_TUNABLES") else []
   if args.keep_freed_memory:
-    malloc = "glibc keeps freed memory (mallopt)" if keep_freed_memory() else "system default (mallopt refused)"
+    settings.append("glibc keeps freed memory (mallopt)" if keep_freed_memory() else "mallopt refused")
+  malloc = "; ".join(settings) or "system default"
   results = {"mode": mode,
              "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} cores, jax {jax.__version__}",
              "cpu_gram_kernel": gradops_jax.cpu_gram.available(), "malloc": malloc}
