@@ -66,6 +66,16 @@ def keep_freed_memory():
   return all(libc.mallopt(option, 2**31 - 1) == 1 for option in (m_mmap_threshold, m_trim_threshold))
 
 
+def cpu_model():
+  """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    lines = []
+  names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+  return names[0] if names else platform.processor() or "unknown CPU"
+
+
 def median_times(calls, repeats):
   """Median wall time of each call in ``calls`` (name -> (fn, args)), measured side by side.
 
@@ -192,6 +202,17 @@ def float64_gram_step(num_tasks):
   return jax.jit(gram)
 
 
+def combine_step(num_tasks):
+  """Our combine pass alone, with fixed coefficients (on CPU, the FFI kernel: huge pages for its output)."""
+  weights = np.full((num_tasks,), 1.0 / num_tasks)
+
+  def combine(grads):
+    with jax.enable_x64(True):
+      return gradops_jax.gram.combine(grads, jnp.asarray(weights))
+
+  return jax.jit(combine)
+
+
 def xla_gram_step(num_tasks):
   """The same pass in XLA (a scan of float64 block products): what GPU and TPU run,
   and CPU without the kernel."""
@@ -213,7 +234,7 @@ def bench_bounds(size, tasks, repeats):
     params = params_like(tree)
     steps = {"floor": floor_step(num_tasks), "two_pass": two_pass_step(),
              "gram64": float64_gram_step(num_tasks), "gram64_xla": xla_gram_step(num_tasks),
-             "gram32": float32_gram_step(num_tasks),
+             "gram32": float32_gram_step(num_tasks), "combine": combine_step(num_tasks),
              "gradops": aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params)}
     calls = {name: (step, (tree,)) for name, step in steps.items()}
     if peers is not None:
@@ -471,8 +492,8 @@ def bench_task_gradients(width, num_tasks, batch, repeats):
 
 def markdown(results):
   lines = [f"# gradops_jax benchmarks ({results['mode']})", "",
-           f"Machine: {results['machine']}; CPU Gram kernel (gradops_jax.cpu_gram): "
-           f"{'built' if results['cpu_gram_kernel'] else 'not available, Gram pass in XLA'}; "
+           f"Machine: {results['machine']}; CPU kernels (gradops_jax.cpu_kernels): "
+           f"{'built' if results['cpu_kernels'] else 'not available, Gram and combine passes in XLA'}; "
            f"malloc: {results['malloc']}", ""]
   lines += ["## 1. Floor ratio (scale_by_gradops / one weighted sum over tasks)", "",
             "| D | layout | T | gradops ms | floor ms | ratio |", "|---|---|---|---|---|---|"]
@@ -518,15 +539,17 @@ def markdown(results):
             f"| T separate `jax.grad` | {g['separate_grads_ms']:.2f} | |"]
   lines += ["", "## 9. Bounds: where the time goes (one leaf)", "",
             "Times in ms, each with the cores it keeps busy (process CPU time / wall time). "
-            "*two reads*: one number per task from a full read, then the weighted sum, the least "
+            "*two reads*: one number per task from a full read, then the weighted sum, in XLA: the least "
             "any method that must see every gradient before combining them can do once the "
-            "gradients do not fit in cache. *Gram f64*: our Gram pass alone (the CPU kernel where "
+            "gradients do not fit in cache, when its output is faulted in 4 KiB at a time as XLA's is. "
+            "*combine*: our combine pass alone (the CPU kernel where it is built, which asks for huge "
+            "pages for its output). *Gram f64*: our Gram pass alone (the CPU kernel where "
             "it is built). *Gram f64, XLA*: the same pass in XLA, as GPU and TPU run it. *Gram f32*: the "
             "fastest Gram pass we found XLA:CPU to compile (float32 block products, not used).", "",
-            "| T | D | floor | two reads | Gram f64 | Gram f64, XLA | Gram f32 | GradOPS | torchjd PCGrad | two reads / torchjd PCGrad |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| T | D | floor | two reads | combine | Gram f64 | Gram f64, XLA | Gram f32 | GradOPS | torchjd PCGrad | two reads / torchjd PCGrad |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results["bounds"]:
-    keys = ("floor", "two_pass", "gram64", "gram64_xla", "gram32", "gradops")
+    keys = ("floor", "two_pass", "combine", "gram64", "gram64_xla", "gram32", "gradops")
     cells = [f"{r[f'{k}_ms']:.2f} ({r[f'{k}_cores']:.1f})" for k in keys]
     peer = "skipped" if r["torchjd_pcgrad_ms"] is None else f"{r['torchjd_pcgrad_ms']:.2f}"
     best = f"{r['best_possible_vs_torchjd_pcgrad']:.2f}" if "best_possible_vs_torchjd_pcgrad" in r else ""
@@ -591,8 +614,9 @@ def main(argv=None):
     settings.append("glibc keeps freed memory (mallopt)" if keep_freed_memory() else "mallopt refused")
   malloc = "; ".join(settings) or "system default"
   results = {"mode": mode,
-             "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} cores, jax {jax.__version__}",
-             "cpu_gram_kernel": gradops_jax.cpu_gram.available(), "malloc": malloc}
+             "machine": f"{platform.machine()} ({cpu_model()}), {jax.devices()[0].device_kind}, "
+                        f"{len(os.sched_getaffinity(0))} cores, jax {jax.__version__}",
+             "cpu_kernels": gradops_jax.cpu_kernels.available(), "malloc": malloc}
   results["floor"] = bench_floor(m["floor_sizes"], m["floor_tasks"], m["repeats"])
   results["methods"] = bench_methods_and_peers(m["method_size"], m["method_tasks"], m["repeats"])
   results["scaling_D"], results["scaling_T"] = bench_scaling(

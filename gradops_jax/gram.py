@@ -12,9 +12,11 @@ passes over the (possibly huge) gradient pytree:
   :math:`\sum_k \beta_k g_k` with the parameters' structure, shapes and dtypes.
 
 Neither pass builds a ``(T, D)`` copy of the gradients. The combine is one
-fused elementwise pass per leaf, wherever the leaf lies. The Gram pass has
-three forms. On one CPU device, a C++ kernel called through the XLA FFI
-(:mod:`gradops_jax.cpu_gram`) reads each leaf once on all cores. On one GPU or
+fused elementwise pass per leaf, wherever the leaf lies; on one CPU device,
+a C++ kernel called through the XLA FFI (:mod:`gradops_jax.cpu_kernels`)
+does the same arithmetic and asks for huge pages for its output. The Gram
+pass has three forms. On one CPU device, a C++ kernel of the same library
+reads each leaf once on all cores. On one GPU or
 TPU (or on CPU without the kernel), each leaf is read in cache-sized blocks
 inside a :func:`jax.lax.scan`: one read, no temporary buffer. When the leaf may be
 sharded (it carries an Explicit sharding, or a mesh of several devices is set
@@ -47,7 +49,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from gradops_jax import cpu_gram
+from gradops_jax import cpu_kernels
 
 GRAM_DTYPE = jnp.float64
 
@@ -201,7 +203,7 @@ def leaf_gram(leaf: jax.Array) -> jax.Array:
   """
   if _may_be_sharded(leaf):
     return _partitionable_leaf_gram(leaf)
-  return cpu_gram.gram(jnp.reshape(leaf, (leaf.shape[0], -1)), _scanned_gram)
+  return cpu_kernels.gram(jnp.reshape(leaf, (leaf.shape[0], -1)), _scanned_gram)
 
 
 def task_gram(task_grads: Any, num_tasks: int) -> jax.Array:
@@ -241,15 +243,33 @@ def _split_into_two_factors(coefficients: jax.Array, dtype) -> tuple[jax.Array, 
   return power_of_two.astype(dtype), rest.astype(dtype)
 
 
+def _combine_in_xla(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array) -> jax.Array:
+  """``sum_t (rows[t] * scale_a[t]) * scale_b[t]`` in the factors' dtype, rounded to the rows' dtype."""
+
+  def term(task):
+    return (rows[task].astype(scale_a.dtype) * scale_a[task]) * scale_b[task]
+
+  combined = jax.lax.fori_loop(1, rows.shape[0], lambda task, total: total + term(task), term(0), unroll=8)
+  return combined.astype(rows.dtype)
+
+
 def combine(task_grads: Any, coefficients: jax.Array) -> Any:
   r"""The linear combination :math:`\sum_k \beta_k g_k`, leaf by leaf.
 
-  Accumulates in float32 (or the leaf's dtype if wider), task after task, and
-  rounds once to the leaf's dtype. The loop over tasks is a
-  :func:`jax.lax.fori_loop` unrolled by 8, which XLA fuses into one
+  .. math::
+
+    d = \sum_{k=1}^{T} (g_k\, a_k)\, b_k, \qquad a_k b_k = \beta_k
+
+  with :math:`a_k` a power of two chosen so that neither factor leaves the
+  accumulation dtype's range. Accumulates in float32 (or the leaf's dtype if
+  wider), task after task, and rounds once to the leaf's dtype. The loop over
+  tasks is a :func:`jax.lax.fori_loop` unrolled by 8, which XLA fuses into one
   elementwise pass per 8 tasks: the leaf is read once, no ``(T, D)``
-  temporary is formed, and a sharded leaf is combined where it lies. Must be
-  called inside ``jax.enable_x64(True)`` when ``coefficients`` is float64.
+  temporary is formed, and a sharded leaf is combined where it lies. On one
+  CPU device, float32 and float64 leaves are combined by
+  :func:`gradops_jax.cpu_kernels.combine` instead (the same arithmetic, with
+  huge pages for the output). Must be called inside ``jax.enable_x64(True)``
+  when ``coefficients`` is float64.
 
   Args:
     task_grads: pytree whose every leaf has shape ``(T, *shape)``.
@@ -263,14 +283,10 @@ def combine(task_grads: Any, coefficients: jax.Array) -> Any:
     leaf = jnp.asarray(leaf)
     accumulation_dtype = jnp.promote_types(leaf.dtype, jnp.float32)
     scale_a, scale_b = _split_into_two_factors(coefficients, accumulation_dtype)
-
-    def term(task):
-      return (leaf[task].astype(accumulation_dtype) * scale_a[task]) * scale_b[task]
-
-    combined = jax.lax.fori_loop(
-        1, leaf.shape[0], lambda task, total: total + term(task), term(0), unroll=8
-    )
-    return combined.astype(leaf.dtype)
+    if _may_be_sharded(leaf):
+      return _combine_in_xla(leaf, scale_a, scale_b)
+    rows = jnp.reshape(leaf, (leaf.shape[0], -1))
+    return jnp.reshape(cpu_kernels.combine(rows, scale_a, scale_b, _combine_in_xla), leaf.shape[1:])
 
   return jax.tree.map(combine_leaf, task_grads)
 

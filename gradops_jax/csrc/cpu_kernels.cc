@@ -1,13 +1,15 @@
-// Gram matrix of the rows of a (T, D) float32 or float64 array, in float64,
-// as an XLA FFI handler for the CPU (see gradops_jax/cpu_gram.py).
+// The two passes of every aggregator over a (T, D) float32 or float64 array, as
+// XLA FFI handlers for the CPU (see gradops_jax/cpu_kernels.py): its Gram
+// matrix in float64, and the linear combination of its rows.
 //
-// K[i][j] = sum_k x[i][k] * x[j][k], accumulated in double. The product of
-// two float32 numbers is exact in double, so for float32 input the only
-// rounding is that of the double sums.
-//
-// The columns are cut into chunks that depend only on (T, D); the calling
+// Both cut the columns into chunks that depend only on (T, D); the calling
 // thread and helpers on XLA's intra-op thread pool take chunks until none is
-// left. A chunk walks through blocks of columns and forms each block's Gram
+// left (RunChunks).
+//
+// Gram. K[i][j] = sum_k x[i][k] * x[j][k], accumulated in double. The product
+// of two float32 numbers is exact in double, so for float32 input the only
+// rounding is that of the double sums. A chunk walks through blocks of
+// columns and forms each block's Gram
 // matrix tile by tile. An N x N tile of task pairs keeps its accumulators in
 // vector registers (sized for AVX-512's 32), so each loaded vector serves N
 // products: N = T for T <= 4, else 3 or 4, whichever pads T to fewer rows
@@ -19,12 +21,22 @@
 // stays in the level-1 cache, from which the off-diagonal tiles read. Each
 // chunk has its own partial matrix; they are added up in chunk order, so
 // the result does not depend on the number of threads or on timing.
+//
+// Combine. out[k] = sum_t (x[t][k] * a[t]) * b[t], in the input's dtype,
+// task after task: the arithmetic of gradops_jax.gram.combine's XLA loop.
+// Before writing, it asks the kernel to back the output with transparent
+// huge pages (madvise): a fresh output of tens of megabytes is otherwise
+// faulted in page by page, 4 KiB at a time, which took as long as reading
+// the input (see combine's docstring in cpu_kernels.py).
+
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -221,15 +233,14 @@ void PartialGram(const In* x, int64_t tasks, int64_t length, int64_t begin, int6
 // Columns of the input per chunk of work, in elements of T x D. The chunks,
 // and so the order of the sums, depend only on the shape of the input.
 constexpr int64_t kElementsPerChunk = int64_t{1} << 18;
-constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMaxGramChunks = 64;
 
-// The work of one call, shared by the calling thread and the tasks it
-// schedules on XLA's thread pool, which may start after the call has ended.
-template <typename In>
-struct GramWork {
-  const In* x;
-  int64_t tasks, length, tile, padded_tasks, block, num_chunks, columns_per_chunk;
-  std::vector<double> partial;  // num_chunks x padded_tasks^2
+// The chunks of one call, shared by the calling thread and the tasks it
+// schedules on XLA's thread pool, which may start after the call has ended
+// (they then find no chunk left and never call `body`).
+struct Chunks {
+  std::function<void(int64_t)> body;
+  int64_t count;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::mutex mutex;
@@ -237,17 +248,9 @@ struct GramWork {
 
   // Runs chunks until none is left; returns after its last chunk.
   void Run() {
-    for (int64_t chunk; (chunk = next.fetch_add(1)) < num_chunks;) {
-      const int64_t begin = std::min(length, chunk * columns_per_chunk);
-      const int64_t end = std::min(length, begin + columns_per_chunk);
-      double* gram = partial.data() + chunk * padded_tasks * padded_tasks;
-      switch (tile) {
-        case 1: PartialGram<1>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
-        case 2: PartialGram<2>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
-        case 3: PartialGram<3>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
-        default: PartialGram<4>(x, tasks, length, begin, end, padded_tasks, block, gram);
-      }
-      if (done.fetch_add(1) + 1 == num_chunks) {
+    for (int64_t chunk; (chunk = next.fetch_add(1)) < count;) {
+      body(chunk);
+      if (done.fetch_add(1) + 1 == count) {
         std::lock_guard<std::mutex> lock(mutex);
         finished.notify_all();
       }
@@ -255,46 +258,137 @@ struct GramWork {
   }
 };
 
+// Calls body(chunk) for every chunk in [0, count), on the calling thread and
+// on helpers from the pool, and returns when all calls have returned. The
+// caller works until no chunk is left, then waits only for chunks that
+// helpers have started.
+void RunChunks(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> body) {
+  auto chunks = std::make_shared<Chunks>();
+  chunks->body = std::move(body);
+  chunks->count = count;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([chunks] { chunks->Run(); });
+  chunks->Run();
+  std::unique_lock<std::mutex> lock(chunks->mutex);
+  chunks->finished.wait(lock, [&] { return chunks->done.load() == count; });
+}
+
 template <typename In>
 void Gram(const In* x, int64_t tasks, int64_t length, ffi::ThreadPool& pool, double* out) {
-  auto work = std::make_shared<GramWork<In>>();
-  work->x = x;
-  work->tasks = tasks;
-  work->length = length;
   // T <= 4: one tile of exactly T rows. Else tiles of 3 or 4 rows, whichever
   // pads T to fewer rows (each padded row costs products of zeros).
   const auto padded = [tasks](int64_t tile) { return (tasks + tile - 1) / tile * tile; };
-  work->tile = tasks <= kMaxTile ? std::max<int64_t>(tasks, 1) : padded(3) < padded(4) ? 3 : 4;
-  work->padded_tasks = padded(work->tile);
+  const int64_t tile = tasks <= kMaxTile ? std::max<int64_t>(tasks, 1) : padded(3) < padded(4) ? 3 : 4;
+  const int64_t padded_tasks = padded(tile);
   // One block of converted rows fits in 16 KiB (a third of a level-1 data cache).
-  int64_t block = 2048 / work->padded_tasks / kLanes * kLanes;
-  work->block = std::max<int64_t>(kLanes * 8, std::min<int64_t>(block, 1024));
-  const int64_t num_blocks = (length + work->block - 1) / work->block;
-  const int64_t wanted = std::min(kMaxChunks, tasks * length / kElementsPerChunk);
-  work->num_chunks = std::max<int64_t>(1, std::min(wanted, num_blocks));
-  work->columns_per_chunk = (num_blocks + work->num_chunks - 1) / work->num_chunks * work->block;
-  const int64_t size = work->padded_tasks * work->padded_tasks;
-  work->partial.assign(work->num_chunks * size, 0.0);
+  const int64_t block =
+      std::max<int64_t>(kLanes * 8, std::min<int64_t>(2048 / padded_tasks / kLanes * kLanes, 1024));
+  const int64_t num_blocks = (length + block - 1) / block;
+  const int64_t wanted = std::min(kMaxGramChunks, tasks * length / kElementsPerChunk);
+  const int64_t num_chunks = std::max<int64_t>(1, std::min(wanted, num_blocks));
+  const int64_t columns_per_chunk = (num_blocks + num_chunks - 1) / num_chunks * block;
+  const int64_t size = padded_tasks * padded_tasks;
+  std::vector<double> partial(num_chunks * size, 0.0);  // one matrix per chunk
 
-  // Helpers from the pool take chunks too; the caller works until none is
-  // left, then waits only for chunks that helpers have started.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->num_chunks - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  {
-    std::unique_lock<std::mutex> lock(work->mutex);
-    work->finished.wait(lock, [&] { return work->done.load() == work->num_chunks; });
-  }
+  RunChunks(pool, num_chunks, [&](int64_t chunk) {
+    const int64_t begin = std::min(length, chunk * columns_per_chunk);
+    const int64_t end = std::min(length, begin + columns_per_chunk);
+    double* gram = partial.data() + chunk * size;
+    switch (tile) {
+      case 1: PartialGram<1>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
+      case 2: PartialGram<2>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
+      case 3: PartialGram<3>(x, tasks, length, begin, end, padded_tasks, block, gram); break;
+      default: PartialGram<4>(x, tasks, length, begin, end, padded_tasks, block, gram);
+    }
+  });
 
   // Only tiles on and above the diagonal were formed; the matrix is symmetric.
   for (int64_t i = 0; i < tasks; ++i)
     for (int64_t j = i; j < tasks; ++j) {
       double s = 0.0;
-      for (int64_t chunk = 0; chunk < work->num_chunks; ++chunk)
-        s += work->partial[chunk * size + i * work->padded_tasks + j];
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) s += partial[chunk * size + i * padded_tasks + j];
       out[i * tasks + j] = s;
       out[j * tasks + i] = s;
     }
+}
+
+// Size of a transparent huge page (x86-64, and arm64 with 4 KiB pages).
+constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+
+// Asks for transparent huge pages for the whole huge pages inside
+// [data, data + bytes). Only a hint: the kernel ignores it where THP is off.
+void AdviseHugePages(void* data, int64_t bytes) {
+#if defined(MADV_HUGEPAGE)
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+// Columns per chunk of the combine, and per block inside a chunk: a block of
+// the output (4 or 8 KiB) stays in the level-1 cache while the tasks are
+// added to it, up to kCombineGroup tasks per pass over the block.
+constexpr int64_t kCombineColumnsPerChunk = int64_t{1} << 16;
+constexpr int64_t kCombineBlock = 1024;
+constexpr int kCombineGroup = 4;
+
+// Adds the terms (rows[t][k] * a[t]) * b[t] of N tasks to out[k] for k in
+// [start, stop), one task after the other; kFirst: out starts at the first term.
+template <int N, bool kFirst, typename T>
+void AddTasks(const T* const* rows, const T* a, const T* b, int64_t start, int64_t stop,
+              T* __restrict__ out) {
+  const T* row[N];
+  T at[N], bt[N];
+  for (int t = 0; t < N; ++t) {
+    row[t] = rows[t];
+    at[t] = a[t];
+    bt[t] = b[t];
+  }
+  for (int64_t k = start; k < stop; ++k) {
+    T total = kFirst ? (row[0][k] * at[0]) * bt[0] : out[k] + (row[0][k] * at[0]) * bt[0];
+    for (int t = 1; t < N; ++t) total = total + (row[t][k] * at[t]) * bt[t];
+    out[k] = total;
+  }
+}
+
+template <bool kFirst, typename T>
+void AddGroup(int count, const T* const* rows, const T* a, const T* b, int64_t start, int64_t stop,
+              T* out) {
+  switch (count) {
+    case 1: AddTasks<1, kFirst>(rows, a, b, start, stop, out); break;
+    case 2: AddTasks<2, kFirst>(rows, a, b, start, stop, out); break;
+    case 3: AddTasks<3, kFirst>(rows, a, b, start, stop, out); break;
+    default: AddTasks<kCombineGroup, kFirst>(rows, a, b, start, stop, out);
+  }
+}
+
+// out[k] = sum_t (x[t][k] * a[t]) * b[t] for k in [begin, end), task after task.
+template <typename T>
+void PartialCombine(const T* x, const T* a, const T* b, int64_t tasks, int64_t length,
+                    int64_t begin, int64_t end, T* out) {
+  std::vector<const T*> rows(tasks);
+  for (int64_t t = 0; t < tasks; ++t) rows[t] = x + t * length;
+  for (int64_t start = begin; start < end; start += kCombineBlock) {
+    const int64_t stop = std::min(end, start + kCombineBlock);
+    for (int64_t t0 = 0; t0 < tasks; t0 += kCombineGroup) {
+      const int count = static_cast<int>(std::min<int64_t>(kCombineGroup, tasks - t0));
+      if (t0 == 0)
+        AddGroup<true>(count, rows.data(), a, b, start, stop, out);
+      else
+        AddGroup<false>(count, rows.data() + t0, a + t0, b + t0, start, stop, out);
+    }
+  }
+}
+
+template <typename T>
+void Combine(const T* x, const T* a, const T* b, int64_t tasks, int64_t length,
+             ffi::ThreadPool& pool, T* out) {
+  AdviseHugePages(out, length * static_cast<int64_t>(sizeof(T)));
+  const int64_t num_chunks = (length + kCombineColumnsPerChunk - 1) / kCombineColumnsPerChunk;
+  RunChunks(pool, num_chunks, [&](int64_t chunk) {
+    const int64_t begin = chunk * kCombineColumnsPerChunk;
+    PartialCombine(x, a, b, tasks, length, begin, std::min(length, begin + kCombineColumnsPerChunk), out);
+  });
 }
 
 template <ffi::DataType In>
@@ -305,9 +399,27 @@ ffi::Error GramImpl(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::ResultBuffer<f
   return ffi::Error::Success();
 }
 
+template <ffi::DataType In>
+ffi::Error CombineImpl(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> a, ffi::Buffer<In> b,
+                       ffi::ResultBuffer<In> out) {
+  const auto dims = x.dimensions();
+  const auto count = [](size_t n) { return static_cast<int64_t>(n); };
+  if (dims.size() != 2 || count(a.element_count()) != dims[0] || count(b.element_count()) != dims[0] ||
+      count(out->element_count()) != dims[1])
+    return ffi::Error::InvalidArgument("combine_kernel: expected (T, D), (T,), (T,) -> (D,)");
+  if (dims[0] > 0)
+    Combine(x.typed_data(), a.typed_data(), b.typed_data(), dims[0], dims[1], pool, out->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GramF32, GramImpl<ffi::F32>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F64>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GramF64, GramImpl<ffi::F64>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F64>>().Ret<ffi::Buffer<ffi::F64>>());
+
+#define COMBINE_BINDING(T) \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<T>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CombineF32, CombineImpl<ffi::F32>, COMBINE_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CombineF64, CombineImpl<ffi::F64>, COMBINE_BINDING(ffi::F64));

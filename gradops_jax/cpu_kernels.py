@@ -1,0 +1,284 @@
+r"""The two passes over the gradients on CPU: small C++ kernels called through the XLA FFI.
+
+Every aggregator reads the stacked ``(T, D)`` gradients twice: once for their
+:math:`T \times T` Gram matrix, once for the update
+:math:`\sum_k \beta_k g_k`. On CPU, ``csrc/cpu_kernels.cc`` does both.
+
+**Gram.** XLA's CPU backend compiles the reduction of a ``(T, D)`` leaf to its
+Gram matrix into one sequential loop: on the 2-core benchmark machine it
+took 3 to 8 times as long as one read of the leaf (see
+``benchmarks/README.md``). The kernel does the same arithmetic as
+:func:`gradops_jax.gram.leaf_gram` (float64 sums of the exact products of
+float32 inputs) in 0.3 to 1.9 times that one read:
+
+* the columns are cut into chunks that depend only on ``(T, D)``; XLA's own
+  intra-op thread pool runs them, so the result does not depend on the
+  number of threads or on timing;
+* each chunk forms the Gram matrix of blocks of columns in
+  :math:`N \times N` tiles of task pairs (:math:`N = T` for :math:`T \le 4`,
+  else 3 or 4) whose accumulators stay in vector registers, converting the
+  input to float64 in registers as it reads it (for :math:`T > 8`, the
+  diagonal tiles leave the converted block in the level-1 cache for the
+  others).
+
+**Combine.** The arithmetic of :func:`gradops_jax.gram.combine`'s XLA loop,
+task after task in the gradients' dtype, on XLA's thread pool. What differs
+is the output: before writing it, the kernel asks Linux to back it with
+transparent huge pages (``madvise(MADV_HUGEPAGE)``, honoured where
+``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or
+``madvise``). A fresh update of tens of megabytes, which glibc's allocator
+maps anew on each call, is otherwise faulted in 4 KiB at a time; at
+:math:`T = 3`, :math:`D = 10^7` those faults took as long as the reads
+(``benchmarks/README.md``).
+
+The kernels are compiled on first use with the system's C++ compiler
+(``$CXX``, else ``c++``) against the FFI headers that ship with jaxlib, for
+the CPU they run on (``-march=native``), and cached under
+``$GRADOPS_JAX_CACHE_DIR`` (default ``~/.cache/gradops_jax``), keyed by the
+source, the compiler, jaxlib and the CPU. If no compiler is found or the
+build fails, a log message says why and both passes stay in XLA, with the
+same results up to the order of float64 sums. ``GRADOPS_JAX_CPU_KERNEL=0``
+turns the kernels off. On GPU and TPU, XLA's passes are always used:
+:func:`gram` and :func:`combine` are lowered per platform.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "cpu_kernels.cc"
+# (pass, dtype of the (T, D) input) -> (FFI target name, handler symbol in the library).
+_HANDLERS = {
+    ("gram", jnp.dtype(jnp.float32)): ("gradops_jax_gram_f32", "GramF32"),
+    ("gram", jnp.dtype(jnp.float64)): ("gradops_jax_gram_f64", "GramF64"),
+    ("combine", jnp.dtype(jnp.float32)): ("gradops_jax_combine_f32", "CombineF32"),
+    ("combine", jnp.dtype(jnp.float64)): ("gradops_jax_combine_f64", "CombineF64"),
+}
+_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
+
+logger = logging.getLogger(__name__)
+_BUILD_LOCK = threading.Lock()
+_REGISTERED = []  # the library whose handlers XLA calls, once registered
+
+
+def _cache_dir() -> pathlib.Path:
+  if "GRADOPS_JAX_CACHE_DIR" in os.environ:
+    return pathlib.Path(os.environ["GRADOPS_JAX_CACHE_DIR"])
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "gradops_jax"
+
+
+def _cpu_features() -> str:
+  """The CPU's model and feature flags, which ``-march=native`` compiles for."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    lines = []
+  wanted = ("model name", "flags", "Features", "CPU part")
+  described = {line.split(":")[0].strip(): line for line in lines if line.startswith(wanted)}
+  return platform.machine() + "".join(sorted(described.values()))
+
+
+def _build(compiler: str, native: bool) -> pathlib.Path:
+  """Compiles the kernels into the cache, unless a build for this setup is there."""
+  flags = _FLAGS + (("-march=native",) if native else ())
+  version = subprocess.run(
+      [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
+  ).stdout
+  key = hashlib.sha256(
+      "\n".join(
+          [_SOURCE.read_text(), version, " ".join(flags), jaxlib.__version__, _cpu_features()]
+      ).encode()
+  ).hexdigest()[:20]
+  library = _cache_dir() / f"cpu_kernels-{key}.so"
+  if library.exists():
+    return library
+  library.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+    built = pathlib.Path(scratch) / library.name
+    subprocess.run(
+        [compiler, *flags, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    os.replace(built, library)  # atomic: concurrent builds leave one whole file
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernels are built and registered (builds them on the first call).
+
+  Returns:
+    ``True`` when :func:`gram` and :func:`combine` will run the kernels on
+    CPU, ``False`` when both passes stay in XLA (kernels turned off, no
+    compiler, or a failed build; the log says which).
+
+  Example:
+    >>> from gradops_jax import cpu_kernels
+    >>> isinstance(cpu_kernels.available(), bool)
+    True
+  """
+  with _BUILD_LOCK:  # functools.cache alone may run this twice in two threads
+    return _build_and_register()
+
+
+def _build_and_register() -> bool:
+  if os.environ.get("GRADOPS_JAX_CPU_KERNEL", "1") == "0":
+    return False
+  compiler = shutil.which(os.environ.get("CXX", "c++"))
+  if compiler is None:
+    logger.warning("gradops_jax: no C++ compiler found; the Gram and combine passes stay in XLA on CPU.")
+    return False
+  errors = []
+  for native in (True, False):
+    try:
+      library = ctypes.CDLL(str(_build(compiler, native)))
+    except (OSError, subprocess.SubprocessError) as error:
+      errors.append(getattr(error, "stderr", None) or str(error))
+      continue
+    if not _REGISTERED:  # once per process; the list keeps the library loaded
+      for target, symbol in _HANDLERS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+      _REGISTERED.append(library)
+    return True
+  logger.warning(
+      "gradops_jax: building the CPU kernels failed; the Gram and combine passes stay in XLA.\n%s",
+      "\n".join(errors),
+  )
+  return False
+
+
+def _kernel_gram(rows: jax.Array) -> jax.Array:
+  num_tasks = rows.shape[0]
+  target, _ = _HANDLERS["gram", rows.dtype]
+  result = jax.ShapeDtypeStruct((num_tasks, num_tasks), jnp.float64)
+  return jax.ffi.ffi_call(target, result, vmap_method="sequential")(rows)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _per_platform_gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  return jax.lax.platform_dependent(rows, cpu=_kernel_gram, default=fallback)
+
+
+@_per_platform_gram.defjvp
+def _per_platform_gram_jvp(fallback, primals, tangents):
+  (rows,), (tangent,) = primals, tangents
+  rows64, tangent64 = rows.astype(jnp.float64), tangent.astype(jnp.float64)
+  half = jnp.dot(tangent64, rows64.T, precision=jax.lax.Precision.HIGHEST)
+  return _per_platform_gram(rows, fallback), half + half.T
+
+
+def gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  r"""Float64 Gram matrix :math:`R R^\top` of ``(T, D)`` rows: the kernel on CPU, else ``fallback``.
+
+  .. math::
+
+    K_{ij} = \sum_k r_{ik} r_{jk}
+
+  The choice is made when the program is lowered, per platform
+  (:func:`jax.lax.platform_dependent`), so one jitted function runs the
+  kernel on CPU and ``fallback`` on GPU and TPU. ``fallback`` also runs on
+  CPU for other dtypes and when the kernel is not :func:`available`. The
+  derivative is that of the formula,
+  :math:`\dot K = \dot R R^\top + R \dot R^\top`. Call it inside
+  ``jax.enable_x64(True)``.
+
+  Args:
+    rows: a ``(T, D)`` array.
+    fallback: the XLA computation of the same matrix.
+
+  Returns:
+    The ``(T, T)`` float64 Gram matrix.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gradops_jax import cpu_kernels
+    >>> rows = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> with jax.enable_x64(True):
+    ...   print(cpu_kernels.gram(rows, lambda r: jnp.dot(r, r.T).astype(jnp.float64)))
+    [[ 5. 11.]
+     [11. 25.]]
+
+  References:
+    `The XLA FFI <https://docs.jax.dev/en/latest/ffi.html>`_.
+  """
+  if ("gram", rows.dtype) not in _HANDLERS or not available():
+    return fallback(rows)
+  return _per_platform_gram(rows, fallback)
+
+
+def _kernel_combine(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array) -> jax.Array:
+  target, _ = _HANDLERS["combine", rows.dtype]
+  result = jax.ShapeDtypeStruct(rows.shape[1:], rows.dtype)
+  return jax.ffi.ffi_call(target, result, vmap_method="sequential")(rows, scale_a, scale_b)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _per_platform_combine(rows, scale_a, scale_b, fallback):
+  return jax.lax.platform_dependent(rows, scale_a, scale_b, cpu=_kernel_combine, default=fallback)
+
+
+@_per_platform_combine.defjvp
+def _per_platform_combine_jvp(fallback, primals, tangents):
+  return _per_platform_combine(*primals, fallback), jax.jvp(fallback, primals, tangents)[1]
+
+
+CombineFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def combine(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array, fallback: CombineFn) -> jax.Array:
+  r"""The combination of ``(T, D)`` rows with coefficients ``a * b``: the kernel on CPU, else ``fallback``.
+
+  .. math::
+
+    d_k = \sum_{t=1}^{T} (r_{tk}\, a_t)\, b_t
+
+  summed task after task in the rows' dtype, as
+  :func:`gradops_jax.gram.combine` does in XLA (its coefficients are split
+  into two factors to stay in range). The choice is made per platform when
+  the program is lowered, as for :func:`gram`; ``fallback`` also runs on CPU
+  when the rows are not float32 or float64, when the factors have another
+  dtype, and when the kernels are not :func:`available`. The derivative is
+  that of ``fallback``.
+
+  Args:
+    rows: a ``(T, D)`` array.
+    scale_a: ``(T,)`` first factors of the coefficients.
+    scale_b: ``(T,)`` second factors.
+    fallback: the XLA computation of the same ``(D,)`` vector.
+
+  Returns:
+    The ``(D,)`` combination, in the rows' dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gradops_jax import cpu_kernels
+    >>> rows = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> weigh = lambda r, a, b: jnp.sum(r * (a * b)[:, None], axis=0)
+    >>> print(cpu_kernels.combine(rows, jnp.array([1.0, 2.0]), jnp.array([0.5, 1.0]), weigh))
+    [6.5 9. ]
+
+  References:
+    `The XLA FFI <https://docs.jax.dev/en/latest/ffi.html>`_;
+    `transparent huge pages <https://docs.kernel.org/admin-guide/mm/transhuge.html>`_.
+  """
+  same_dtype = scale_a.dtype == scale_b.dtype == rows.dtype
+  if ("combine", rows.dtype) not in _HANDLERS or not same_dtype or not available():
+    return fallback(rows, scale_a, scale_b)
+  return _per_platform_combine(rows, scale_a, scale_b, fallback)
