@@ -76,21 +76,25 @@ def cpu_model():
   return names[0] if names else platform.processor() or "unknown CPU"
 
 
-def median_times(calls, repeats):
+def median_times(calls, repeats, min_seconds=0.25, max_rounds=1000):
   """Median wall time of each call in ``calls`` (name -> (fn, args)), measured side by side.
 
   After one warm-up call each, the calls take turns, one call each per round,
-  for ``repeats`` rounds, so that the machine's slow spells fall on all of
-  them alike.
+  so that the machine's slow spells fall on all of them alike: at least
+  ``repeats`` rounds, and more (up to ``max_rounds``) until every call has
+  run for ``min_seconds`` in all, so that short calls get enough samples for
+  a steady median.
   """
   for fn, args in calls.values():
     jax.block_until_ready(fn(*args))
   samples = {name: [] for name in calls}
-  for _ in range(repeats):
+  rounds = 0
+  while rounds < max_rounds and (rounds < repeats or min(map(sum, samples.values())) < min_seconds):
     for name, (fn, args) in calls.items():
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       samples[name].append(time.perf_counter() - start)
+    rounds += 1
   return {name: statistics.median(times) for name, times in samples.items()}
 
 
