@@ -21,9 +21,11 @@ float32 inputs) in 0.3 to 1.9 times that one read:
   diagonal tiles leave the converted block in the level-1 cache for the
   others).
 
-**Combine.** The arithmetic of :func:`gradops_jax.gram.combine`'s XLA loop,
-task after task in the gradients' dtype, on XLA's thread pool. What differs
-is the output: before writing it, the kernel asks Linux to back it with
+**Combine.** The sum that :func:`gradops_jax.gram.combine`'s XLA loop
+writes, task after task in the gradients' dtype, on XLA's thread pool and
+rounded exactly as written (the library is built with ``-ffp-contract=off``;
+XLA's compiled loop rounds some sums differently, a few ulps apart). What
+differs besides is the output: before writing it, the kernel asks Linux to back it with
 transparent huge pages (``madvise(MADV_HUGEPAGE)``, honoured where
 ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or
 ``madvise``). A fresh update of tens of megabytes, which glibc's allocator
@@ -37,7 +39,8 @@ the CPU they run on (``-march=native``), and cached under
 ``$GRADOPS_JAX_CACHE_DIR`` (default ``~/.cache/gradops_jax``), keyed by the
 source, the compiler, jaxlib and the CPU. If no compiler is found or the
 build fails, a log message says why and both passes stay in XLA, with the
-same results up to the order of float64 sums. ``GRADOPS_JAX_CPU_KERNEL=0``
+same Gram matrix up to the order of float64 sums and the same update up to
+that rounding of the combine. ``GRADOPS_JAX_CPU_KERNEL=0``
 turns the kernels off. On GPU and TPU, XLA's passes are always used:
 :func:`gram` and :func:`combine` are lowered per platform.
 """

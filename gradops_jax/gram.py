@@ -14,7 +14,7 @@ passes over the (possibly huge) gradient pytree:
 Neither pass builds a ``(T, D)`` copy of the gradients. The combine is one
 fused elementwise pass per leaf, wherever the leaf lies; on one CPU device,
 a C++ kernel called through the XLA FFI (:mod:`gradops_jax.cpu_kernels`)
-does the same arithmetic and asks for huge pages for its output. The Gram
+forms the same sum and asks for huge pages for its output. The Gram
 pass has three forms. On one CPU device, a C++ kernel of the same library
 reads each leaf once on all cores. On one GPU or
 TPU (or on CPU without the kernel), each leaf is read in cache-sized blocks
@@ -267,7 +267,7 @@ def combine(task_grads: Any, coefficients: jax.Array) -> Any:
   elementwise pass per 8 tasks: the leaf is read once, no ``(T, D)``
   temporary is formed, and a sharded leaf is combined where it lies. On one
   CPU device, float32 and float64 leaves are combined by
-  :func:`gradops_jax.cpu_kernels.combine` instead (the same arithmetic, with
+  :func:`gradops_jax.cpu_kernels.combine` instead (the same sum, with
   huge pages for the output). Must be called inside ``jax.enable_x64(True)``
   when ``coefficients`` is float64.
 

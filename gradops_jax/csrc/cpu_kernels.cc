@@ -23,11 +23,12 @@
 // the result does not depend on the number of threads or on timing.
 //
 // Combine. out[k] = sum_t (x[t][k] * a[t]) * b[t], in the input's dtype,
-// task after task: the arithmetic of gradops_jax.gram.combine's XLA loop.
+// task after task, rounded as written (built with -ffp-contract=off): the sum
+// that gradops_jax.gram.combine's XLA loop writes.
 // Before writing, it asks the kernel to back the output with transparent
 // huge pages (madvise): a fresh output of tens of megabytes is otherwise
 // faulted in page by page, 4 KiB at a time, which took as long as reading
-// the input (see combine's docstring in cpu_kernels.py).
+// the input (see the module docstring of cpu_kernels.py).
 
 #include <sys/mman.h>
 
