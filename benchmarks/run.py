@@ -201,7 +201,7 @@ def float64_gram_step(num_tasks):
 
   def gram(grads):
     with jax.enable_x64(True):
-      return gradops_jax.gram.task_gram(grads, num_tasks)
+      return gradops_jax.task_gram(grads, num_tasks)
 
   return jax.jit(gram)
 
@@ -212,7 +212,7 @@ def combine_step(num_tasks):
 
   def combine(grads):
     with jax.enable_x64(True):
-      return gradops_jax.gram.combine(grads, jnp.asarray(weights))
+      return gradops_jax.combine(grads, jnp.asarray(weights))
 
   return jax.jit(combine)
 
@@ -224,7 +224,7 @@ def xla_gram_step(num_tasks):
   def gram(grads):
     with jax.enable_x64(True):
       leaves = jax.tree.leaves(grads)
-      return sum(gradops_jax.gram._scanned_gram(jnp.reshape(leaf, (num_tasks, -1))) for leaf in leaves)
+      return gradops_jax.task_gram(leaves, num_tasks, implementation="scan")
 
   return jax.jit(gram)
 
@@ -496,7 +496,7 @@ def bench_task_gradients(width, num_tasks, batch, repeats):
 
 def markdown(results):
   lines = [f"# gradops_jax benchmarks ({results['mode']})", "",
-           f"Machine: {results['machine']}; CPU kernels (gradops_jax.cpu_kernels): "
+           f"Machine: {results['machine']}; CPU kernels (gradops_jax.kernels_available): "
            f"{'built' if results['cpu_kernels'] else 'not available, Gram and combine passes in XLA'}; "
            f"malloc: {results['malloc']}", ""]
   lines += ["## 1. Floor ratio (scale_by_gradops / one weighted sum over tasks)", "",
@@ -620,7 +620,7 @@ def main(argv=None):
   results = {"mode": mode,
              "machine": f"{platform.machine()} ({cpu_model()}), {jax.devices()[0].device_kind}, "
                         f"{len(os.sched_getaffinity(0))} cores, jax {jax.__version__}",
-             "cpu_kernels": gradops_jax.cpu_kernels.available(), "malloc": malloc}
+             "cpu_kernels": gradops_jax.kernels_available(), "malloc": malloc}
   results["floor"] = bench_floor(m["floor_sizes"], m["floor_tasks"], m["repeats"])
   results["methods"] = bench_methods_and_peers(m["method_size"], m["method_tasks"], m["repeats"])
   results["scaling_D"], results["scaling_T"] = bench_scaling(

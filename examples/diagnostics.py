@@ -60,7 +60,7 @@ class DiagnosticsLog:
     # optax.tree.get finds the one GradOPSState field of each name in the nested state.
     self.steps.append(step)
     self.losses.append(np.asarray(losses))
-    self.weights.append(np.asarray(optax.tree.get(opt_state, "weights")))
+    self.weights.append(np.asarray(optax.tree.get(opt_state, "alpha_weights")))
     self.projected.append(np.asarray(optax.tree.get(opt_state, "projected")))
     self.cosine.append(np.asarray(optax.tree.get(opt_state, "cosine")))
     self.fallbacks = int(np.asarray(optax.tree.get(opt_state, "fallback_count")))

@@ -48,7 +48,7 @@ def main(steps: int = 300):
     losses = train_step(model, optimizer, x, y)
     if step % 50 == 0:
       print(f"step {step:4d}  task losses {losses[0]:.4f} {losses[1]:.4f}")
-  print("last GradOPS task weights:", optimizer.opt_state[0].weights[...])
+  print("last GradOPS task weights:", optimizer.opt_state[0].alpha_weights[...])
   return losses
 
 

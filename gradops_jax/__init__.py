@@ -1,29 +1,36 @@
 """gradops_jax: multi-task gradient deconfliction as optax transforms."""
 
-from gradops_jax.accumulation import task_multi_steps
-from gradops_jax.gradops import GradOPSSolution
-from gradops_jax.gradops import GradOPSState
-from gradops_jax.gradops import gradops
-from gradops_jax.gradops import gradops_solve
-from gradops_jax.gradops import scale_by_gradops
-from gradops_jax.methods.aligned_mtl import scale_by_aligned_mtl
-from gradops_jax.methods.cagrad import scale_by_cagrad
-from gradops_jax.methods.conicgrad import scale_by_conicgrad
-from gradops_jax.methods.gradvac import GradVacState
-from gradops_jax.methods.gradvac import scale_by_gradvac
-from gradops_jax.methods.imtl_g import scale_by_imtl_g
-from gradops_jax.methods.linear_scalarization import scale_by_linear_scalarization
-from gradops_jax.methods.mgda import scale_by_mgda
-from gradops_jax.methods.nash_mtl import scale_by_nash_mtl
-from gradops_jax.methods.pcgrad import PCGradState
-from gradops_jax.methods.pcgrad import scale_by_pcgrad
-from gradops_jax.methods.upgrad import scale_by_upgrad
 from gradops_jax import recon
-from gradops_jax.partition import aggregate_shared
-from gradops_jax.solvers import min_norm_simplex_weights
-from gradops_jax.solvers import project_onto_simplex
-from gradops_jax.task_gradients import nnx_value_and_task_grads
-from gradops_jax.task_gradients import value_and_task_grads
+from gradops_jax import weightings
+from gradops_jax._src.accumulation import task_multi_steps
+from gradops_jax._src.base import WeightsState
+from gradops_jax._src.kernels import available as kernels_available
+from gradops_jax._src.linalg import cosine_from_gram
+from gradops_jax._src.methods.aligned_mtl import scale_by_aligned_mtl
+from gradops_jax._src.methods.cagrad import scale_by_cagrad
+from gradops_jax._src.methods.conicgrad import scale_by_conicgrad
+from gradops_jax._src.methods.gradops import GradOPSSolution
+from gradops_jax._src.methods.gradops import GradOPSState
+from gradops_jax._src.methods.gradops import gradops
+from gradops_jax._src.methods.gradops import gradops_solve
+from gradops_jax._src.methods.gradops import scale_by_gradops
+from gradops_jax._src.methods.gradvac import GradVacState
+from gradops_jax._src.methods.gradvac import scale_by_gradvac
+from gradops_jax._src.methods.imtl_g import scale_by_imtl_g
+from gradops_jax._src.methods.linear_scalarization import scale_by_linear_scalarization
+from gradops_jax._src.methods.mgda import scale_by_mgda
+from gradops_jax._src.methods.nash_mtl import scale_by_nash_mtl
+from gradops_jax._src.methods.pcgrad import PCGradState
+from gradops_jax._src.methods.pcgrad import scale_by_pcgrad
+from gradops_jax._src.methods.upgrad import scale_by_upgrad
+from gradops_jax._src.partition import aggregate_shared
+from gradops_jax._src.passes import combine
+from gradops_jax._src.passes import leaf_gram
+from gradops_jax._src.passes import task_gram
+from gradops_jax._src.solvers.simplex import project_onto_simplex
+from gradops_jax._src.task_gradients import nnx_value_and_task_grads
+from gradops_jax._src.task_gradients import value_and_task_grads
+from gradops_jax._src.tolerances import default_rank_rtol
 
 __version__ = "0.1.0"
 
@@ -32,10 +39,15 @@ __all__ = (
     "GradOPSState",
     "GradVacState",
     "PCGradState",
+    "WeightsState",
     "aggregate_shared",
+    "combine",
+    "cosine_from_gram",
+    "default_rank_rtol",
     "gradops",
     "gradops_solve",
-    "min_norm_simplex_weights",
+    "kernels_available",
+    "leaf_gram",
     "nnx_value_and_task_grads",
     "project_onto_simplex",
     "recon",
@@ -50,6 +62,8 @@ __all__ = (
     "scale_by_nash_mtl",
     "scale_by_pcgrad",
     "scale_by_upgrad",
+    "task_gram",
     "task_multi_steps",
     "value_and_task_grads",
+    "weightings",
 )

@@ -87,7 +87,7 @@ def residual_size(others: np.ndarray, vector: np.ndarray, rank_rtol: float) -> f
   combination (c = 1 on ``vector``, -x on ``others``), x the least-squares
   coefficients on the others' unit directions of singular value above
   ``rank_rtol``. GradOPS counts a residual not longer than rank_rtol times
-  this size as zero (the package's convention, ``gradops_jax.gradops``)."""
+  this size as zero (the package's convention, ``docs/methods/gradops.md``)."""
   norms = np.linalg.norm(others, axis=1)
   units = others[norms > 0] / norms[norms > 0, None]
   if units.shape[0] == 0:

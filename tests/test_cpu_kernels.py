@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradops_jax import cpu_kernels
-from gradops_jax import gram as gram_lib
+import gradops_jax
+# White-box: the factor split that the kernel and XLA share, and the build itself.
+from gradops_jax._src import kernels as cpu_kernels
+from gradops_jax._src.passes import _split_into_two_factors
 
 GRAM_TARGETS = ("gradops_jax_gram_f32", "gradops_jax_gram_f64")
 COMBINE_TARGETS = ("gradops_jax_combine_f32", "gradops_jax_combine_f64")
@@ -19,7 +21,7 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ 
 def _jitted_leaf_gram(leaf):
   """The leaf's Gram matrix; a NumPy float64 leaf stays float64 (x64 is on while it converts)."""
   with jax.enable_x64(True):
-    return np.asarray(jax.jit(gram_lib.leaf_gram)(leaf))
+    return np.asarray(jax.jit(gradops_jax.leaf_gram)(leaf))
 
 
 def _calls_kernel(function, *args, targets=GRAM_TARGETS):
@@ -31,7 +33,7 @@ def _calls_kernel(function, *args, targets=GRAM_TARGETS):
 def _jitted_combine(leaf, coefficients):
   """``sum_k coefficients[k] * leaf[k]`` by gram.combine, as the aggregators call it."""
   with jax.enable_x64(True):
-    return np.asarray(jax.jit(gram_lib.combine)({"w": leaf}, coefficients)["w"])
+    return np.asarray(jax.jit(gradops_jax.combine)({"w": leaf}, coefficients)["w"])
 
 
 def _assert_combination_exact(combined, rows, coefficients):
@@ -56,18 +58,18 @@ def _assert_exact(gram, rows):
 def test_kernel_is_built_and_used_on_cpu():
   assert cpu_kernels.available()
   leaf = jnp.ones((3, 10, 10), jnp.float32)
-  assert _calls_kernel(gram_lib.leaf_gram, leaf)
-  assert _calls_kernel(gram_lib.leaf_gram, np.ones((3, 100), np.float64))
+  assert _calls_kernel(gradops_jax.leaf_gram, leaf)
+  assert _calls_kernel(gradops_jax.leaf_gram, np.ones((3, 100), np.float64))
   coefficients = np.ones(3)
-  assert _calls_kernel(gram_lib.combine, {"w": leaf}, coefficients, targets=COMBINE_TARGETS)
-  assert _calls_kernel(gram_lib.combine, {"w": np.ones((3, 100))}, coefficients, targets=COMBINE_TARGETS)
+  assert _calls_kernel(gradops_jax.combine, {"w": leaf}, coefficients, targets=COMBINE_TARGETS)
+  assert _calls_kernel(gradops_jax.combine, {"w": np.ones((3, 100))}, coefficients, targets=COMBINE_TARGETS)
 
 
 def test_other_dtypes_stay_in_xla():
   leaf = jnp.ones((3, 100), jnp.bfloat16)
-  assert not _calls_kernel(gram_lib.leaf_gram, leaf)
+  assert not _calls_kernel(gradops_jax.leaf_gram, leaf)
   np.testing.assert_array_equal(_jitted_leaf_gram(leaf), np.full((3, 3), 100.0))
-  assert not _calls_kernel(gram_lib.combine, {"w": leaf}, np.ones(3), targets=COMBINE_TARGETS)
+  assert not _calls_kernel(gradops_jax.combine, {"w": leaf}, np.ones(3), targets=COMBINE_TARGETS)
   np.testing.assert_array_equal(_jitted_combine(leaf, np.ones(3)), np.full(100, 3.0))
 
 
@@ -115,15 +117,15 @@ def test_kernel_under_vmap_and_grad_matches_xla():
   rng = np.random.default_rng(7)
   batch = jnp.asarray(rng.standard_normal((2, 3, 4, 500)), jnp.float32)
   weights = jnp.asarray(rng.standard_normal((3, 3)))
-  xla_gram = lambda leaf: gram_lib._scanned_gram(jnp.reshape(leaf, (leaf.shape[0], -1)))
+  xla_gram = lambda leaf: gradops_jax.leaf_gram(leaf, implementation="scan")
 
   def loss(leaf, form):
     return jnp.sum(form(leaf) * weights)
 
   with jax.enable_x64(True):
-    vmapped = jax.jit(jax.vmap(gram_lib.leaf_gram))(batch)
+    vmapped = jax.jit(jax.vmap(gradops_jax.leaf_gram))(batch)
     expected = jax.vmap(xla_gram)(batch)
-    gradient = jax.jit(jax.grad(loss), static_argnums=1)(batch[0], gram_lib.leaf_gram)
+    gradient = jax.jit(jax.grad(loss), static_argnums=1)(batch[0], gradops_jax.leaf_gram)
     expected_gradient = jax.grad(loss)(batch[0], xla_gram)
   np.testing.assert_allclose(vmapped, expected, rtol=1e-13)
   np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-6)
@@ -143,7 +145,7 @@ def test_without_the_kernels_both_passes_stay_in_xla(
   monkeypatch.setenv("GRADOPS_JAX_CACHE_DIR", str(tmp_path))
   for name, value in environment.items():
     monkeypatch.setenv(name, value)
-  with caplog.at_level(logging.WARNING, logger="gradops_jax.cpu_kernels"):
+  with caplog.at_level(logging.WARNING, logger="gradops_jax._src.kernels"):
     assert not cpu_kernels.available.__wrapped__()
   if expected_log is None:
     assert not caplog.records
@@ -155,7 +157,7 @@ def test_without_the_kernels_both_passes_stay_in_xla(
 def _sequential_combination(rows, coefficients):
   """The combine's arithmetic, literally: ``(g_k * a_k) * b_k`` added task after task in the rows' dtype."""
   with jax.enable_x64(True):
-    factors = gram_lib._split_into_two_factors(jnp.asarray(coefficients), rows.dtype)
+    factors = _split_into_two_factors(jnp.asarray(coefficients), rows.dtype)
   scale_a, scale_b = (np.asarray(factor) for factor in factors)
   total = (rows[0] * scale_a[0]) * scale_b[0]
   for task in range(1, len(rows)):
@@ -213,16 +215,16 @@ def test_combine_kernel_under_vmap_and_grad_matches_xla():
 
   def xla_combine(tree, beta):
     return jax.tree.map(
-        lambda leaf: gram_lib._combine_in_xla(leaf, *gram_lib._split_into_two_factors(beta, jnp.float32)), tree
+        lambda leaf: gradops_jax.combine({"w": leaf}, beta, implementation="xla")["w"], tree
     )
 
   def loss(leaf, beta, form):
     return jnp.sum(form({"w": leaf}, beta)["w"] * weights)
 
   with jax.enable_x64(True):
-    vmapped = jax.jit(jax.vmap(gram_lib.combine, in_axes=(0, None)))({"w": batch}, coefficients)["w"]
+    vmapped = jax.jit(jax.vmap(gradops_jax.combine, in_axes=(0, None)))({"w": batch}, coefficients)["w"]
     expected = jax.vmap(xla_combine, in_axes=(0, None))({"w": batch}, coefficients)["w"]
-    gradient = jax.jit(jax.grad(loss), static_argnums=2)(batch[0], coefficients, gram_lib.combine)
+    gradient = jax.jit(jax.grad(loss), static_argnums=2)(batch[0], coefficients, gradops_jax.combine)
     expected_gradient = jax.grad(loss)(batch[0], coefficients, xla_combine)
   np.testing.assert_allclose(vmapped, expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-6)

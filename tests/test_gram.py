@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradops_jax import gram as gram_lib
+import gradops_jax
 from tests import cases
 
 
@@ -22,7 +22,7 @@ def test_gram_is_exact_for_float32_inputs():
   matrix = cases.hard_cases()["mixed_scales_1e-20_1e20"]
   tree = {"a": jnp.asarray(matrix[:, :40].reshape(4, 5, 8)), "b": jnp.asarray(matrix[:, 40:])}
   with jax.enable_x64(True):
-    gram = np.asarray(jax.jit(gram_lib.task_gram, static_argnums=1)(tree, 4))
+    gram = np.asarray(jax.jit(gradops_jax.task_gram, static_argnums=1)(tree, 4))
   exact = matrix.astype(np.float64) @ matrix.astype(np.float64).T
   np.testing.assert_allclose(gram, exact, rtol=1e-13)
 
@@ -32,7 +32,7 @@ def test_float64_gram_is_accurate_where_float32_gram_and_qr_are_not():
   grads32 = cases._near_collinear(np.random.default_rng(0), 100_000).astype(np.float32)
   grads = grads32.astype(np.float64)
   with jax.enable_x64(True):
-    gram64 = np.asarray(gram_lib.task_gram({"g": jnp.asarray(grads32)}, 3))
+    gram64 = np.asarray(gradops_jax.task_gram({"g": jnp.asarray(grads32)}, 3))
   gram32 = np.asarray(
       jnp.matmul(jnp.asarray(grads32), jnp.asarray(grads32).T, precision="highest"), np.float64
   )
@@ -63,15 +63,15 @@ def test_blocked_gram_and_combine_on_every_block_layout(shape):
   tree = {"leaf": jnp.asarray(matrix.reshape(3, *shape)), "small": jnp.asarray(matrix[:, :1])}
   exact = matrix.astype(np.float64)
   with jax.enable_x64(True):
-    gram = np.asarray(jax.jit(gram_lib.task_gram, static_argnums=1)(tree, 3))
+    gram = np.asarray(jax.jit(gradops_jax.task_gram, static_argnums=1)(tree, 3))
     coefficients = jnp.asarray([0.5, -2.0, 1e-3])
-    combined = jax.jit(gram_lib.combine)(tree, coefficients)
+    combined = jax.jit(gradops_jax.combine)(tree, coefficients)
     leaf_grams = [
         np.asarray(jax.jit(form)(tree["leaf"]))
         for form in (
-            gram_lib.leaf_gram,
-            lambda leaf: gram_lib._scanned_gram(jnp.reshape(leaf, (3, -1))),
-            gram_lib._partitionable_leaf_gram,
+            gradops_jax.leaf_gram,
+            lambda leaf: gradops_jax.leaf_gram(leaf, implementation="scan"),
+            lambda leaf: gradops_jax.leaf_gram(leaf, implementation="blocked"),
         )
     ]
   expected_gram = exact @ exact.T + exact[:, :1] @ exact[:, :1].T
@@ -93,7 +93,7 @@ def test_blocked_gram_and_combine_on_every_block_layout(shape):
 def test_numpy_leaves_outside_jit():
   grads = {"w": np.array([[1.0, 0.0], [-1.0, 1.0]], np.float32)}
   with jax.enable_x64(True):
-    gram = gram_lib.task_gram(grads, 2)
-    combined = gram_lib.combine(grads, jnp.asarray([0.5, 2.0]))
+    gram = gradops_jax.task_gram(grads, 2)
+    combined = gradops_jax.combine(grads, jnp.asarray([0.5, 2.0]))
   np.testing.assert_array_equal(gram, grads["w"].astype(np.float64) @ grads["w"].T.astype(np.float64))
   np.testing.assert_array_equal(combined["w"], [-1.5, 2.0])

@@ -116,7 +116,7 @@ def test_nnx_paths_name_layers():
 def test_chained_scores_read_the_gradients_once():
   """Jitted in front of an aggregator, the scores reuse its per-leaf Gram
   matrices: the compiled program reads no more bytes and runs no more loops
-  or Gram kernels (gradops_jax.cpu_kernels)."""
+  or Gram kernels (gradops_jax.kernels_available)."""
   num_tasks = 4
   params = {"a": {"kernel": jnp.zeros((512, 256)), "bias": jnp.zeros(256)}, "b": {"kernel": jnp.zeros((256, 64))}}
   grads = jax.tree.map(lambda leaf: jnp.ones((num_tasks, *leaf.shape)), params)

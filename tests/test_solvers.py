@@ -16,7 +16,7 @@ def test_min_norm_matches_exhaustive_reference(seed, num_tasks, dim):
   grads[0] *= 10.0 ** (seed - 3)
   gram = grads @ grads.T
   with jax.enable_x64(True):
-    weights = np.asarray(jax.jit(gradops_jax.min_norm_simplex_weights)(jnp.asarray(gram)))
+    weights = np.asarray(jax.jit(gradops_jax.weightings.mgda)(jnp.asarray(gram)))
   expected = reference.min_norm_point_weights(grads)
   assert np.all(weights >= 0) and abs(weights.sum() - 1) < 1e-12
   scale = np.max(np.diag(gram))
@@ -36,7 +36,7 @@ def test_min_norm_near_duplicate_tasks(seed, size):
   noise = rng.standard_normal(6)
   grads[2] = grads[1] + size * np.linalg.norm(grads[1]) * noise / np.linalg.norm(noise)
   with jax.enable_x64(True):
-    weights = np.asarray(jax.jit(gradops_jax.min_norm_simplex_weights)(jnp.asarray(grads @ grads.T)))
+    weights = np.asarray(jax.jit(gradops_jax.weightings.mgda)(jnp.asarray(grads @ grads.T)))
   d = weights @ grads
   # Optimality g_j . d >= ||d||^2, to rounding.
   assert np.min(grads @ d) >= (1 - 1e-12) * (d @ d)
@@ -46,7 +46,7 @@ def test_min_norm_near_duplicate_tasks(seed, size):
 
 def test_min_norm_all_zero_is_uniform():
   with jax.enable_x64(True):
-    weights = gradops_jax.min_norm_simplex_weights(jnp.zeros((4, 4)))
+    weights = gradops_jax.weightings.mgda(jnp.zeros((4, 4)))
   np.testing.assert_array_equal(weights, np.full(4, 0.25))
 
 

@@ -152,13 +152,13 @@ def train_run(train, validation, test, aggregator, tasks, epochs, seed, batch=10
   """One network on ``tasks``; test AUCs at the best validation epoch.
 
   With a list as ``weights_trace``, appends the aggregator's last weights
-  (``GradOPSState.weights``) after every step.
+  (the α-weights ``GradOPSState.alpha_weights``) after every step.
   """
   model = CensusNet(train.features.shape[1], len(tasks), nnx.Rngs(seed, dropout=seed + 1))
   optimizer = make_optimizer(model, aggregator, len(tasks))
   trace = None
   if weights_trace is not None:
-    trace = lambda optimizer: weights_trace.append(np.asarray(optax.tree.get(optimizer.opt_state, "weights")))
+    trace = lambda optimizer: weights_trace.append(np.asarray(optax.tree.get(optimizer.opt_state, "alpha_weights")))
   return fit(model, optimizer, (train, validation, test), tasks, epochs, seed, batch, trace)
 
 

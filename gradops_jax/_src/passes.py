@@ -13,7 +13,7 @@ passes over the (possibly huge) gradient pytree:
 
 Neither pass builds a ``(T, D)`` copy of the gradients. The combine is one
 fused elementwise pass per leaf, wherever the leaf lies; on one CPU device,
-a C++ kernel called through the XLA FFI (:mod:`gradops_jax.cpu_kernels`)
+a C++ kernel called through the XLA FFI (:mod:`gradops_jax._src.kernels`)
 forms the same sum and asks for huge pages for its output. The Gram
 pass has three forms. On one CPU device, a C++ kernel of the same library
 reads each leaf once on all cores. On one GPU or
@@ -49,9 +49,16 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from gradops_jax import cpu_kernels
+from gradops_jax._src import kernels
+from gradops_jax._src.tolerances import GRAM_DTYPE
 
-GRAM_DTYPE = jnp.float64
+GRAM_IMPLEMENTATIONS = ("auto", "kernel", "scan", "blocked")
+COMBINE_IMPLEMENTATIONS = ("auto", "kernel", "xla")
+
+
+def _check_implementation(implementation: str, allowed: tuple) -> None:
+  if implementation not in allowed:
+    raise ValueError(f"implementation must be one of {allowed}, got {implementation!r}.")
 
 
 def _block_size(num_tasks: int) -> int:
@@ -181,7 +188,7 @@ def _may_be_sharded(leaf: jax.Array) -> bool:
   return jax.sharding.get_abstract_mesh().size > 1
 
 
-def leaf_gram(leaf: jax.Array) -> jax.Array:
+def leaf_gram(leaf: jax.Array, implementation: str = "auto") -> jax.Array:
   r"""Gram matrix of the task gradients of one ``(T, ...)`` leaf, in float64.
 
   .. math::
@@ -197,16 +204,34 @@ def leaf_gram(leaf: jax.Array) -> jax.Array:
 
   Args:
     leaf: a ``(T, ...)`` array.
+    implementation: ``"auto"`` (the choice below), ``"kernel"`` (the C++
+      kernel on CPU where it is available, else the scan), ``"scan"`` (XLA,
+      one device) or ``"blocked"`` (XLA, partitionable). ``"auto"`` takes
+      ``"blocked"`` when the leaf may be sharded, else ``"kernel"``.
 
   Returns:
     The ``(T, T)`` float64 Gram matrix of the leaf.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gradops_jax import leaf_gram
+    >>> with jax.enable_x64(True):
+    ...   print(leaf_gram(jnp.array([[1.0, 2.0], [3.0, 4.0]])))
+    [[ 5. 11.]
+     [11. 25.]]
   """
-  if _may_be_sharded(leaf):
+  _check_implementation(implementation, GRAM_IMPLEMENTATIONS)
+  if implementation == "auto":
+    implementation = "blocked" if _may_be_sharded(leaf) else "kernel"
+  if implementation == "blocked":
     return _partitionable_leaf_gram(leaf)
-  return cpu_kernels.gram(jnp.reshape(leaf, (leaf.shape[0], -1)), _scanned_gram)
+  rows = jnp.reshape(leaf, (leaf.shape[0], -1))
+  if implementation == "scan":
+    return _scanned_gram(rows)
+  return kernels.gram(rows, _scanned_gram)
 
 
-def task_gram(task_grads: Any, num_tasks: int) -> jax.Array:
+def task_gram(task_grads: Any, num_tasks: int, implementation: str = "auto") -> jax.Array:
   r"""Gram matrix of the task gradients, summed over the leaves of a pytree.
 
   .. math::
@@ -218,13 +243,23 @@ def task_gram(task_grads: Any, num_tasks: int) -> jax.Array:
   Args:
     task_grads: pytree whose every leaf has shape ``(num_tasks, ...)``.
     num_tasks: T.
+    implementation: as for :func:`leaf_gram`.
 
   Returns:
     The ``(T, T)`` float64 Gram matrix.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gradops_jax import task_gram
+    >>> grads = {'a': jnp.array([[1.0], [2.0]]), 'b': jnp.array([[0.0, 1.0], [1.0, 0.0]])}
+    >>> with jax.enable_x64(True):
+    ...   print(task_gram(grads, num_tasks=2))
+    [[2. 2.]
+     [2. 5.]]
   """
   gram = jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE)
   for leaf in jax.tree.leaves(task_grads):
-    gram = gram + leaf_gram(leaf)
+    gram = gram + leaf_gram(leaf, implementation)
   return gram
 
 
@@ -253,7 +288,7 @@ def _combine_in_xla(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array) -> 
   return combined.astype(rows.dtype)
 
 
-def combine(task_grads: Any, coefficients: jax.Array) -> Any:
+def combine(task_grads: Any, weights: jax.Array, implementation: str = "auto") -> Any:
   r"""The linear combination :math:`\sum_k \beta_k g_k`, leaf by leaf.
 
   .. math::
@@ -267,52 +302,39 @@ def combine(task_grads: Any, coefficients: jax.Array) -> Any:
   elementwise pass per 8 tasks: the leaf is read once, no ``(T, D)``
   temporary is formed, and a sharded leaf is combined where it lies. On one
   CPU device, float32 and float64 leaves are combined by
-  :func:`gradops_jax.cpu_kernels.combine` instead (the same sum, with
+  the C++ kernel instead (the same sum, with
   huge pages for the output). Must be called inside ``jax.enable_x64(True)``
   when ``coefficients`` is float64.
 
   Args:
     task_grads: pytree whose every leaf has shape ``(T, *shape)``.
-    coefficients: ``(T,)`` combination weights :math:`\beta`.
+    weights: ``(T,)`` combination weights :math:`\beta`.
+    implementation: ``"auto"`` (XLA's loop for a leaf that may be sharded,
+      else ``"kernel"``), ``"kernel"`` (the C++ kernel on CPU where it is
+      available, else XLA) or ``"xla"``.
 
   Returns:
     A pytree with leaves of shape ``shape`` and the leaves' dtypes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gradops_jax import combine
+    >>> grads = {'w': jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+    >>> combine(grads, jnp.array([1.0, 0.5]))['w'].tolist()
+    [2.5, 4.0]
   """
+  _check_implementation(implementation, COMBINE_IMPLEMENTATIONS)
 
   def combine_leaf(leaf):
     leaf = jnp.asarray(leaf)
     accumulation_dtype = jnp.promote_types(leaf.dtype, jnp.float32)
-    scale_a, scale_b = _split_into_two_factors(coefficients, accumulation_dtype)
-    if _may_be_sharded(leaf):
+    scale_a, scale_b = _split_into_two_factors(jnp.asarray(weights), accumulation_dtype)
+    chosen = implementation
+    if chosen == "auto":
+      chosen = "xla" if _may_be_sharded(leaf) else "kernel"
+    if chosen == "xla":
       return _combine_in_xla(leaf, scale_a, scale_b)
     rows = jnp.reshape(leaf, (leaf.shape[0], -1))
-    return jnp.reshape(cpu_kernels.combine(rows, scale_a, scale_b, _combine_in_xla), leaf.shape[1:])
+    return jnp.reshape(kernels.combine(rows, scale_a, scale_b, _combine_in_xla), leaf.shape[1:])
 
   return jax.tree.map(combine_leaf, task_grads)
-
-
-def cosine_from_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  r"""Norms and cosine matrix of the task gradients from their Gram matrix.
-
-  .. math::
-
-    n_i = \sqrt{K_{ii}}, \qquad C_{ij} = \frac{K_{ij}}{n_i n_j}
-
-  Solving in cosine space makes the methods invariant to the scale of each
-  task and keeps scales from 1e-20 to 1e20 in range. Zero gradients get
-  :math:`n_i = 0`, a zero row and column in :math:`C`, and a zero diagonal.
-
-  Args:
-    gram: ``(T, T)`` Gram matrix.
-
-  Returns:
-    ``(norms, inverse_norms, cosine)``, with ``inverse_norms`` zero where the
-    norm is zero.
-  """
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
-  active = norms > 0
-  inverse_norms = jnp.where(active, 1.0 / jnp.where(active, norms, 1.0), 0.0)
-  cosine = jnp.clip(gram * inverse_norms[:, None] * inverse_norms[None, :], -1.0, 1.0)
-  identity = jnp.eye(gram.shape[0], dtype=bool)
-  cosine = jnp.where(identity, active.astype(gram.dtype), cosine)
-  return norms, inverse_norms, cosine

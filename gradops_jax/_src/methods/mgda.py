@@ -2,9 +2,9 @@ r"""MGDA: the min-norm point of the convex hull of the task gradients."""
 
 import optax
 
-from gradops_jax import _validate
-from gradops_jax import aggregation
-from gradops_jax import solvers
+from gradops_jax._src import base
+from gradops_jax._src import validation
+from gradops_jax._src.solvers import min_norm
 
 
 def scale_by_mgda(
@@ -18,7 +18,7 @@ def scale_by_mgda(
     \lambda = \arg\min_{\lambda \in \Delta_T} \Big\|\sum_i \lambda_i g_i\Big\|^2
 
   solved exactly in task space (see
-  :func:`gradops_jax.min_norm_simplex_weights`), not with a fixed number of
+  :func:`gradops_jax.weightings.mgda`), not with a fixed number of
   Frank-Wolfe steps. :math:`d` is the direction of steepest common descent;
   it is zero exactly at Pareto-stationary points.
 
@@ -29,11 +29,11 @@ def scale_by_mgda(
 
   Returns:
     An :class:`optax.GradientTransformation` with a
-    :class:`gradops_jax.aggregation.WeightsState`.
+    :class:`~gradops_jax.WeightsState`.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.mgda import scale_by_mgda
+    >>> from gradops_jax import scale_by_mgda
     >>> tx = scale_by_mgda(2)
     >>> g = {'w': jnp.array([[1.0, 0.0], [0.0, 1.0]])}
     >>> tx.update(g, tx.init({'w': jnp.zeros(2)}))[0]['w'].tolist()
@@ -43,8 +43,8 @@ def scale_by_mgda(
     Sener and Koltun, `Multi-Task Learning as Multi-Objective Optimization
     <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018, Eq. 3 and Sec. 3.1.
   """
-  _validate.check_hyperparameter_range("tol", tol, 0.0)
-  _validate.check_max_iters(max_iters)
-  return aggregation.weighting_aggregator(
-      num_tasks, lambda gram, _: solvers.min_norm_simplex_weights(gram, tol, max_iters)
+  return base.stateless_aggregator(
+      num_tasks,
+      lambda gram, _: min_norm.min_norm_simplex_weights(gram, tol, max_iters),
+      {"tol": (tol, validation.NONNEGATIVE), "max_iters": (max_iters, validation.POSITIVE_INT)},
   )

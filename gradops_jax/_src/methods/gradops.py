@@ -1,79 +1,21 @@
 r"""GradOPS: gradient deconfliction via orthogonal projections onto subspaces.
 
-Implements Algorithm 1 of Zhu et al. (WSDM 2025) as an optax transform. With
-task gradients :math:`g_1, \dots, g_T`:
+Algorithm 1 of Zhu et al. (WSDM 2025) in task space. With task gradients
+:math:`g_1, \dots, g_T`: every task :math:`i` that conflicts with another
+(:math:`g_i \cdot g_j < 0`) is replaced by its projection :math:`g'_i` onto the
+orthogonal complement of :math:`S_i = \operatorname{span}\{g_j : j \ne i\}`
+(Eqs. 1-2), other tasks keep :math:`g'_i = g_i`; then, with
+:math:`G' = \sum_j g'_j`, :math:`R_i = G' \cdot g_i / \|g_i\|` (Eq. 3),
+:math:`r_i = R_i / \operatorname{mean}(R)` (Eq. 4) and the α-weights
+:math:`w_i = r_i^\alpha / \operatorname{mean}(r^\alpha)` (Eq. 5), the update is
+:math:`\sum_i w_i g'_i = \sum_k \beta_k g_k`. If every :math:`g'_i` is zero,
+the MGDA min-norm point is used instead.
 
-1. (Eqs. 1-2) every task :math:`i` whose gradient conflicts with another,
-   :math:`g_i \cdot g_j < 0` for some :math:`j \ne i`, is replaced by its
-   projection onto the orthogonal complement of
-   :math:`S_i = \operatorname{span}\{g_j : j \ne i\}` (all other tasks, not
-   only the conflicting ones); other tasks keep :math:`g'_i = g_i`.
-2. If every :math:`g'_i` is zero, the update is the MGDA min-norm point of the
-   convex hull of the original gradients.
-3. Otherwise, with :math:`G' = \sum_j g'_j`, (Eq. 3) :math:`R_i = G' \cdot g_i
-   / \|g_i\|`, (Eq. 4) :math:`r_i = R_i / \operatorname{mean}(R)`, (Eq. 5)
-   :math:`w_i = r_i^\alpha / \operatorname{mean}(r^\alpha)`, and the update is
-   :math:`\sum_i w_i g'_i`.
-
-How it computes. Each :math:`g'_i` is a linear combination of the original
-gradients, so the whole algorithm is solved in :math:`T \times T` space from the
-Gram matrix (:mod:`gradops_jax.gram`, exact float64 accumulation), vmapped over
-tasks, and the update is one combination :math:`\sum_k \beta_k g_k` of the
-original gradients. The projections are computed on unit-normalised gradients
-(the cosine matrix), which makes the solve invariant to the scale of each task
-and keeps mixed scales from 1e-20 to 1e20 within range. The projection onto
-:math:`S_i^\perp` is the least-squares residual of :math:`g_i` on the other
-gradients, taken with an eigendecomposition of their cosine matrix; this is
-what Gram-Schmidt (Eq. 1) followed by Eq. 2 computes, in a form that is the
-same for every processing order and needs no loop over tasks. When the tasks
-are far from linearly dependent (every eigenvalue of their cosine matrix above
-1e-3), all the residuals come from one inverse of that matrix instead (the
-residual of task :math:`i` is row :math:`i` of the inverse over its diagonal
-entry), which is the same result for T times less work.
-
-Corner cases the paper leaves open, and what this implementation does (all
-deterministic, none produces NaN or Inf from finite input):
-
-* **Rank-deficient spans.** :math:`S_i` is the span of the others, whatever
-  its dimension. Directions of the others' unit-normalised gradients with
-  singular value at most ``rank_rtol`` are treated as not in the span: they
-  are indistinguishable from rounding of the inputs. The default ``rank_rtol``
-  is :math:`10 \sqrt{T}\,\epsilon`, with :math:`\epsilon` the machine epsilon
-  of the least precise gradient dtype (about 2e-6 for three float32 tasks),
-  but at least :math:`\sqrt{\epsilon_{64}} \approx 1.5 \times 10^{-8}`:
-  the solve sees lengths only through the float64 Gram matrix, where a
-  residual of relative length :math:`r` is a difference of order :math:`r^2`,
-  so float64 gradients cannot resolve shorter residuals than that.
-  In Gram-Schmidt terms: a :math:`u_j` of Eq. 1 shorter than ``rank_rtol``
-  times :math:`\|g_j\|` is dropped.
-* **Numerically zero projections.** A projected
-  :math:`g'_i = \sum_j C_{ij} g_j` not longer than ``rank_rtol`` times its
-  size :math:`\sum_j |C_{ij}| \|g_j\|` (at least :math:`\|g_i\|`) is set
-  to exactly zero. Rounding scales with that size: the float64 Gram matrix
-  gives the residual's length to about :math:`\sqrt{\epsilon_{64}}` times
-  it, and forming the combination in the gradients' dtype errs by about
-  :math:`T \epsilon` times it. Off nearly dependent others, a residual of
-  pure rounding comes with large cancelling coefficients; kept, it would
-  give an update that is mostly rounding error and conflicts with the tasks.
-* **Zero task gradients.** :math:`g_i = 0` conflicts with nobody, spans
-  nothing and has :math:`g'_i = 0`; its :math:`R_i` (0/0 in Eq. 3) is taken as
-  0.
-* **R_i = 0.** :math:`R_i \ge \|g'_i\|^2/\|g_i\|`, so :math:`R_i = 0` only when
-  :math:`g'_i = 0` and the task's weight cannot change the update. Eq. 5 is
-  used as written with :math:`0^\alpha = 0` for :math:`\alpha > 0`,
-  :math:`0^0 = 1`, and :math:`0^\alpha := 0` for :math:`\alpha < 0`, where the
-  paper's expression is undefined. :math:`R_i` at most ``rank_rtol`` times the
-  largest :math:`R` counts as zero. Weights are computed in log space, so large
-  :math:`|\alpha|` does not overflow.
-* **MGDA fallback.** Fires when every :math:`g'_i` is zero, which includes all
-  task gradients being zero (the update is then zero). The state reports the
-  MGDA weights as the task weights.
-* **T = 1.** Nothing conflicts; the update is :math:`g_1`.
-
-References:
-  Zhu et al., `Gradient Deconfliction via Orthogonal Projections onto Subspaces
-  For Multi-task Learning <https://arxiv.org/abs/2503.03438>`_, WSDM 2025.
+The derivation of the task-space form and every corner case the paper leaves
+open (rank-deficient spans, rounding-length residuals, zero tasks,
+:math:`R_i = 0`, the fallback) are in ``docs/methods/gradops.md``.
 """
+
 
 from typing import Any, NamedTuple, Optional
 
@@ -81,63 +23,65 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import _validate
-from gradops_jax import aggregation
-from gradops_jax import gram as gram_lib
-from gradops_jax import solvers
+from gradops_jax._src import base
+from gradops_jax._src import linalg
+from gradops_jax._src import tolerances
+from gradops_jax._src import validation
+from gradops_jax._src.solvers import min_norm
+from gradops_jax._src.solvers.accelerated import SolverInfo
 
 
 class GradOPSSolution(NamedTuple):
   r"""GradOPS solved in task space (float64).
 
   Attributes:
-    coefficients: ``(T,)`` :math:`\beta` with update :math:`= \sum_k \beta_k g_k`.
+    weights: ``(T,)`` :math:`\beta` with update :math:`= \sum_k \beta_k g_k`.
     projection: ``(T, T)`` matrix :math:`C` with :math:`g'_i = \sum_j C_{ij} g_j`.
-    weights: ``(T,)`` task weights :math:`w` of Eq. 5 (the MGDA weights when
-      the fallback fired).
+    alpha_weights: ``(T,)`` the α-weights :math:`w` of Eq. 5 (the MGDA
+      weights when the fallback fired).
     projected: ``(T,)`` bool, which tasks were projected (had a conflict).
     cosine: ``(T, T)`` cosine similarities of the task gradients (0 for zero
       gradients, 1 on the diagonal of non-zero ones).
     used_fallback: ``()`` bool, whether every :math:`g'_i` was zero and MGDA
       gave the update.
+    fallback_info: how the MGDA fallback's solve ended (converged, no steps
+      when it did not fire).
   """
 
-  coefficients: jax.Array
-  projection: jax.Array
   weights: jax.Array
+  projection: jax.Array
+  alpha_weights: jax.Array
   projected: jax.Array
   cosine: jax.Array
   used_fallback: jax.Array
+  fallback_info: SolverInfo
 
 
 class GradOPSState(NamedTuple):
   """Diagnostics of the last :func:`scale_by_gradops` step.
 
   Attributes:
-    weights: ``(T,)`` float32 task weights :math:`w` of Eq. 5 (MGDA weights
-      when the fallback fired).
+    weights: ``(T,)`` float32 :math:`\\beta` of the last update
+      :math:`\\sum_k \\beta_k g_k`.
+    alpha_weights: ``(T,)`` float32 α-weights :math:`w` of Eq. 5 (MGDA
+      weights when the fallback fired).
     projected: ``(T,)`` bool, which task gradients were projected.
     cosine: ``(T, T)`` float32 cosine matrix of the task gradients.
     used_fallback: ``()`` bool, whether the MGDA fallback gave the update.
     fallback_count: ``()`` int32, how many steps so far used the fallback.
+    converged: ``()`` bool, whether the fallback's solve (when it fired) met
+      its tolerance.
+    num_steps: ``()`` int32, the iterations of that solve (0 when it did not fire).
   """
 
   weights: jax.Array
+  alpha_weights: jax.Array
   projected: jax.Array
   cosine: jax.Array
   used_fallback: jax.Array
   fallback_count: jax.Array
-
-
-def default_rank_rtol(num_tasks: int, dtype: Any) -> float:
-  r"""Default rank tolerance :math:`10 \sqrt{T}\,\max(\epsilon_{\text{dtype}}, \sqrt{\epsilon_{64}})`.
-
-  The floor :math:`\sqrt{\epsilon_{64}}` is the shortest relative residual
-  that the float64 Gram matrix resolves (see the module docstring); it only
-  matters for float64 gradients.
-  """
-  resolution = max(float(jnp.finfo(dtype).eps), float(jnp.finfo(jnp.float64).eps) ** 0.5)
-  return float(10.0 * num_tasks**0.5 * resolution)
+  converged: jax.Array
+  num_steps: jax.Array
 
 
 def _project_one_task(
@@ -147,18 +91,10 @@ def _project_one_task(
   num_tasks = cosine.shape[0]
   unit = jax.nn.one_hot(task, num_tasks, dtype=cosine.dtype)
   others = active & (jnp.arange(num_tasks) != task)
-  # Outside the others' block the matrix is the identity, so that those
-  # coordinates decouple with eigenvalue 1 (their target entries are zero).
-  others_cosine = jnp.where(
-      others[:, None] & others[None, :], cosine, jnp.eye(num_tasks, dtype=cosine.dtype)
-  )
-  eigenvalues, eigenvectors = jnp.linalg.eigh(others_cosine)
   # Eigenvalues below what the eigensolver can resolve are rounding too.
-  resolution = 10 * num_tasks * jnp.finfo(cosine.dtype).eps
-  kept = eigenvalues > max(rank_rtol**2, resolution)
-  inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
+  threshold = max(rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
   target = jnp.where(others, cosine[:, task], 0.0)
-  least_squares = eigenvectors @ (inverse * (eigenvectors.T @ target))
+  least_squares = linalg.thresholded_eigh_solve(linalg.masked_block(cosine, others), target, threshold)
   return unit - least_squares
 
 
@@ -168,12 +104,6 @@ def _project_one_task(
 _WELL_CONDITIONED = 1e-3
 
 
-def _active_cosine(cosine: jax.Array, active: jax.Array) -> jax.Array:
-  """The cosine matrix of the active tasks, with the identity for the others."""
-  identity = jnp.eye(cosine.shape[0], dtype=cosine.dtype)
-  return jnp.where(active[:, None] & active[None, :], cosine, identity)
-
-
 def _project_all_tasks(cosine: jax.Array, active: jax.Array) -> jax.Array:
   r"""The residuals of all tasks from one inverse.
 
@@ -181,11 +111,10 @@ def _project_all_tasks(cosine: jax.Array, active: jax.Array) -> jax.Array:
   residual of :math:`u_i` on the other tasks is :math:`P_{i\cdot} / P_{ii}`
   (the Schur complement of :math:`M_{-i}`). When no eigenvalue of :math:`M`
   is below the thresholds of :func:`_project_one_task`, none of any
-  :math:`M_{-i}` is either (they interlace), and the residual has squared
-  length :math:`1 / P_{ii} \ge \lambda_{\min}(M)`: this is what
+  :math:`M_{-i}` is either (they interlace): this is what
   :func:`_project_one_task` computes, row by row.
   """
-  matrix = _active_cosine(cosine, active)
+  matrix = linalg.masked_block(cosine, active)
   identity = jnp.eye(cosine.shape[0], dtype=cosine.dtype)
   inverse = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(matrix), True), identity)
   return inverse / jnp.diagonal(inverse)[:, None]
@@ -200,8 +129,7 @@ def _select_projections(
   Conflicting tasks take their residual, unless it is not longer than
   ``rank_rtol`` times the sum of its coefficients' magnitudes (its size as a
   combination of unit gradients; at least 1, the task itself), which is
-  rounding (module docstring). Other active tasks keep their gradient; zero
-  tasks give zero.
+  rounding. Other active tasks keep their gradient; zero tasks give zero.
   """
   length_sq = jnp.einsum("ij,jk,ik->i", residuals, cosine, residuals)
   size = jnp.sum(jnp.abs(residuals), axis=1)
@@ -213,7 +141,7 @@ def _select_projections(
 
 
 def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> jax.Array:
-  """Eqs. 4-5 in log space with the conventions of the module docstring."""
+  """Eqs. 4-5 in log space, with :math:`0^\\alpha` as ``docs/methods/gradops.md`` says."""
   num_tasks = scores.shape[0]
   is_zero = scores <= rank_rtol * jnp.max(scores)
   log_scores = jnp.log(jnp.where(is_zero, 1.0, scores))
@@ -226,7 +154,7 @@ def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> jax.Array
 
 def gradops_solve(
     gram: jax.Array, alpha: Any = 0.0, rank_rtol: Optional[float] = None,
-    mgda_tol: float = 1e-12, mgda_max_iters: int = 2000,
+    mgda_tol: float = 1e-12, mgda_max_iters: int = 2000, input_dtype: Any = jnp.float32,
 ) -> GradOPSSolution:
   r"""Solves Algorithm 1 of GradOPS in task space from the Gram matrix.
 
@@ -239,17 +167,20 @@ def gradops_solve(
     R_i = \frac{(\sum_j g'_j) \cdot g_i}{\|g_i\|}, \quad
     w_i = \frac{r_i^\alpha}{\frac1T \sum_j r_j^\alpha},
 
-  and the update :math:`\sum_i w_i g'_i = \sum_k \beta_k g_k`. See the module
-  docstring for the corner cases.
+  and the update :math:`\sum_i w_i g'_i = \sum_k \beta_k g_k`. The corner
+  cases are in ``docs/methods/gradops.md``.
 
   Args:
     gram: ``(T, T)`` Gram matrix of the task gradients (float64 recommended).
     alpha: the trade-off exponent :math:`\alpha` of Eq. 5.
     rank_rtol: singular-value threshold on unit-normalised gradients below
       which a direction counts as rounding; default
-      :func:`default_rank_rtol` for the dtype of ``gram``.
+      :func:`~gradops_jax.default_rank_rtol` of ``input_dtype``.
     mgda_tol: duality-gap tolerance of the MGDA fallback.
     mgda_max_iters: iteration cap of the MGDA fallback.
+    input_dtype: the dtype of the gradients the Gram matrix was formed from
+      (float32 by default), which sets the default ``rank_rtol`` exactly as
+      :func:`~gradops_jax.scale_by_gradops` does.
 
   Returns:
     A :class:`GradOPSSolution`.
@@ -267,17 +198,16 @@ def gradops_solve(
   """
   num_tasks = gram.shape[0]
   if rank_rtol is None:
-    rank_rtol = default_rank_rtol(num_tasks, gram.dtype)
-  norms, inverse_norms, cosine = gram_lib.cosine_from_gram(gram)
+    rank_rtol = tolerances.default_rank_rtol(num_tasks, input_dtype)
+  norms, inverse_norms, cosine = linalg.cosine_from_gram(gram)
   active = norms > 0
   off_diagonal = ~jnp.eye(num_tasks, dtype=bool)
   conflicting = jnp.any((gram < 0) & off_diagonal, axis=1)
 
   # One factorisation when the active tasks are far from linearly dependent
   # (M - threshold I is positive definite), else one eigendecomposition per task.
-  resolution = 10 * num_tasks * float(jnp.finfo(cosine.dtype).eps)
-  threshold = max(_WELL_CONDITIONED, rank_rtol**2, resolution)
-  shifted = _active_cosine(cosine, active) - threshold * jnp.eye(num_tasks, dtype=cosine.dtype)
+  threshold = max(_WELL_CONDITIONED, rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
+  shifted = linalg.masked_block(cosine, active) - threshold * jnp.eye(num_tasks, dtype=cosine.dtype)
   well_conditioned = jnp.all(jnp.isfinite(jnp.linalg.cholesky(shifted)))
   residuals = jax.lax.cond(
       well_conditioned,
@@ -292,24 +222,25 @@ def gradops_solve(
   used_fallback = jnp.all(unit_projection == 0)
 
   scores = (norms @ unit_projection) @ cosine  # R_i = G' . u_i (Eq. 3)
-  weights = _alpha_weights(scores, alpha, rank_rtol)
-  unit_coefficients = (weights * norms) @ unit_projection
-  coefficients = unit_coefficients * inverse_norms
+  alpha_weights = _alpha_weights(scores, alpha, rank_rtol)
+  weights = ((alpha_weights * norms) @ unit_projection) * inverse_norms
 
-  mgda_weights = jax.lax.cond(
+  mgda_weights, fallback_info = jax.lax.cond(
       used_fallback,
-      lambda: solvers.min_norm_simplex_weights(gram, mgda_tol, mgda_max_iters),
-      lambda: jnp.zeros((num_tasks,), gram.dtype),
+      lambda: min_norm.min_norm_simplex_weights(gram, mgda_tol, mgda_max_iters),
+      lambda: (
+          jnp.zeros((num_tasks,), gram.dtype),
+          SolverInfo(jnp.array(True), jnp.array(0, jnp.int32)),
+      ),
   )
-  coefficients = jnp.where(used_fallback, mgda_weights, coefficients)
-  weights = jnp.where(used_fallback, mgda_weights, weights)
   return GradOPSSolution(
-      coefficients=coefficients,
+      weights=jnp.where(used_fallback, mgda_weights, weights),
       projection=projection,
-      weights=weights,
+      alpha_weights=jnp.where(used_fallback, mgda_weights, alpha_weights),
       projected=active & conflicting,
       cosine=cosine,
       used_fallback=used_fallback,
+      fallback_info=fallback_info,
   )
 
 
@@ -327,10 +258,9 @@ def scale_by_gradops(
     d = \sum_{i=1}^T w_i\, g'_i,
 
   a gradient-like direction for the optimiser that follows (chain it with
-  :func:`optax.adam`, or use :func:`gradops`). The computation reads the
-  gradients twice (Gram matrix, then the combination), never copies them into
-  a ``(T, D)`` matrix, and solves everything else in :math:`T \times T` space
-  (see :func:`gradops_solve` and the module docstring for the corner cases).
+  :func:`optax.adam`, or use :func:`gradops`). The gradients are read twice
+  (Gram matrix, then the combination) and everything else is solved in
+  :math:`T \times T` space (:func:`gradops_solve`).
 
   Args:
     num_tasks: the number of tasks :math:`T` (static).
@@ -339,8 +269,7 @@ def scale_by_gradops(
       < 0 dominated ones. May be changed during training with
       ``optax.inject_hyperparams(scale_by_gradops, static_args=('num_tasks',))``.
     rank_rtol: rank tolerance on unit-normalised gradients; default
-      :math:`10\sqrt{T}\,\epsilon` of the least precise gradient dtype
-      (see :func:`default_rank_rtol`).
+      :func:`~gradops_jax.default_rank_rtol` of the least precise gradient dtype.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
@@ -362,33 +291,37 @@ def scale_by_gradops(
     Subspaces For Multi-task Learning <https://arxiv.org/abs/2503.03438>`_,
     WSDM 2025, Algorithm 1.
   """
-  _validate.check_hyperparameter_range("alpha", alpha)
-  if rank_rtol is not None:
-    _validate.check_hyperparameter_range("rank_rtol", rank_rtol, 0.0, 1.0, high_inclusive=False)
 
   def init_state():
     return GradOPSState(
         weights=jnp.ones((num_tasks,), jnp.float32),
+        alpha_weights=jnp.ones((num_tasks,), jnp.float32),
         projected=jnp.zeros((num_tasks,), bool),
         cosine=jnp.eye(num_tasks, dtype=jnp.float32),
         used_fallback=jnp.zeros((), bool),
         fallback_count=jnp.zeros((), jnp.int32),
+        converged=jnp.ones((), bool),
+        num_steps=jnp.zeros((), jnp.int32),
     )
 
   def solve(gram, state, input_dtype):
-    tolerance = rank_rtol
-    if tolerance is None:
-      tolerance = default_rank_rtol(num_tasks, input_dtype)
-    solution = gradops_solve(gram, alpha, tolerance)
-    return solution.coefficients, GradOPSState(
+    solution = gradops_solve(gram, alpha, rank_rtol, input_dtype=input_dtype)
+    return solution.weights, GradOPSState(
         weights=solution.weights,
+        alpha_weights=solution.alpha_weights,
         projected=solution.projected,
         cosine=solution.cosine,
         used_fallback=solution.used_fallback,
         fallback_count=state.fallback_count + solution.used_fallback.astype(jnp.int32),
+        converged=solution.fallback_info.converged,
+        num_steps=solution.fallback_info.num_steps,
     )
 
-  return aggregation.gram_aggregator(num_tasks, init_state, solve)
+  hyperparameters = {
+      "alpha": (alpha, validation.REAL),
+      "rank_rtol": (rank_rtol, validation.OPEN_UNIT_INTERVAL),
+  }
+  return base.gram_aggregator(num_tasks, init_state, solve, hyperparameters)
 
 
 def gradops(

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradops_jax import _validate
-from gradops_jax.methods.linear_scalarization import scale_by_linear_scalarization
+from gradops_jax._src import passes
+from gradops_jax._src import validation
 
 SHARED = "shared"
 TASK_SPECIFIC = "task_specific"
@@ -41,6 +41,21 @@ def _labels(shared_mask: Any, tree: Any) -> Any:
           f"{jax.tree_util.keystr(path)} with shape {tuple(jnp.shape(leaf))}."
       )
   return jax.tree.map(lambda flag: SHARED if bool(flag) else TASK_SPECIFIC, shared_mask)
+
+
+def _sum_over_tasks(num_tasks: int) -> optax.GradientTransformation:
+  """The task-specific part: each leaf's sum over its task axis (its own task's gradient)."""
+
+  def update_fn(task_grads, state, params=None):
+    validation.check_task_grads(task_grads, num_tasks, params)
+    with jax.enable_x64(True):
+      return passes.combine(task_grads, jnp.ones((num_tasks,), jnp.float64)), state
+
+  def init_fn(params):
+    validation.check_params(params)
+    return optax.EmptyState()
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def aggregate_shared(
@@ -101,7 +116,7 @@ def aggregate_shared(
     Zhu et al., WSDM 2025, Section 3 (the task gradients are those of the
     shared parameters); :func:`optax.partition`.
   """
-  num_tasks = _validate.check_num_tasks(num_tasks)
+  num_tasks = validation.check_num_tasks(num_tasks)
 
   def labels(tree):
     mask = shared(tree) if callable(shared) else shared
@@ -110,7 +125,7 @@ def aggregate_shared(
   return optax.partition(
       {
           SHARED: aggregator,
-          TASK_SPECIFIC: scale_by_linear_scalarization(num_tasks, weights=[1.0] * num_tasks),
+          TASK_SPECIFIC: _sum_over_tasks(num_tasks),
       },
       labels,
   )

@@ -4,13 +4,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import _validate
-from gradops_jax import aggregation
-from gradops_jax import gram as gram_lib
-from gradops_jax import solvers
+from gradops_jax._src import base
+from gradops_jax._src import linalg
+from gradops_jax._src import validation
+from gradops_jax._src.solvers import accelerated
+from gradops_jax._src.solvers import nonnegative
 
 
-def upgrad_weights(gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000) -> jax.Array:
+def upgrad_weights(
+    gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000
+) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""UPGrad coefficients from the Gram matrix.
 
   The projection of :math:`g_i` onto the dual cone
@@ -33,21 +36,22 @@ def upgrad_weights(gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000) -
     max_iters: iteration cap of each QP.
 
   Returns:
-    ``(T,)`` coefficients :math:`\beta`.
+    ``(T,)`` weights :math:`\beta`, and the info of the slowest of the T QPs.
   """
   num_tasks = gram.shape[0]
-  norms, inverse_norms, cosine = gram_lib.cosine_from_gram(gram)
+  norms, inverse_norms, cosine = linalg.cosine_from_gram(gram)
   # The cone is unchanged by positive scaling of the g_j: solve on unit
   # gradients, x = n_i (u_i + sum_j nu_j u_j) with nu >= 0, so that tasks of
   # very different scales are resolved equally well. Zero gradients decouple.
-  unit_quadratic = cosine + jnp.diag((norms == 0).astype(gram.dtype))
-  unit_shifts = jax.vmap(
-      lambda column: solvers.nonnegative_quadratic_minimizer(
+  unit_quadratic = linalg.masked_block(cosine, norms > 0)
+  unit_shifts, info = jax.vmap(
+      lambda column: nonnegative.nonnegative_quadratic_minimizer(
           unit_quadratic, column, tol, max_iters
       )
   )(cosine)
   shifts = norms[:, None] * unit_shifts * inverse_norms[None, :]
-  return jnp.mean(jnp.eye(num_tasks, dtype=gram.dtype) + shifts, axis=0)
+  weights = jnp.mean(jnp.eye(num_tasks, dtype=gram.dtype) + shifts, axis=0)
+  return weights, accelerated.merge_infos(info)
 
 
 def scale_by_upgrad(
@@ -70,11 +74,11 @@ def scale_by_upgrad(
 
   Returns:
     An :class:`optax.GradientTransformation` with a
-    :class:`gradops_jax.aggregation.WeightsState`.
+    :class:`~gradops_jax.WeightsState`.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.upgrad import scale_by_upgrad
+    >>> from gradops_jax import scale_by_upgrad
     >>> tx = scale_by_upgrad(2)
     >>> g = {'w': jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
     >>> d = tx.update(g, tx.init({'w': jnp.zeros(2)}))[0]['w']
@@ -83,8 +87,8 @@ def scale_by_upgrad(
     Quinton and Rey, `Jacobian Descent For Multi-Objective Optimization
     <https://arxiv.org/abs/2406.16232>`_, 2024, Eq. 5 and Proposition 1.
   """
-  _validate.check_hyperparameter_range("tol", tol, 0.0)
-  _validate.check_max_iters(max_iters)
-  return aggregation.weighting_aggregator(
-      num_tasks, lambda gram, _: upgrad_weights(gram, tol, max_iters)
+  return base.stateless_aggregator(
+      num_tasks,
+      lambda gram, _: upgrad_weights(gram, tol, max_iters),
+      {"tol": (tol, validation.NONNEGATIVE), "max_iters": (max_iters, validation.POSITIVE_INT)},
   )

@@ -9,7 +9,7 @@ read only static shapes, dtypes and tree structures: they run once, at trace
 time, and cost nothing at run time.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,33 @@ def check_hyperparameter_range(
       raise ValueError(f"{name} must be finite, got {value!r}.")
     closing = "]" if high_inclusive and high != float("inf") else ")"
     raise ValueError(f"{name} must be finite and in [{low}, {high}{closing}, got {value!r}.")
+
+
+class Range(NamedTuple):
+  """The valid values of a hyperparameter: finite, in ``[low, high]`` (or ``[low, high)``)."""
+
+  low: float = -float("inf")
+  high: float = float("inf")
+  high_inclusive: bool = True
+  integer: bool = False
+
+
+REAL = Range()
+NONNEGATIVE = Range(0.0)
+UNIT_INTERVAL = Range(0.0, 1.0)
+OPEN_UNIT_INTERVAL = Range(0.0, 1.0, high_inclusive=False)
+POSITIVE_INT = Range(1, integer=True)
+
+
+def check_hyperparameters(hyperparameters: dict) -> None:
+  """Checks every ``name: (value, Range)`` entry; ``None`` values mean "default"."""
+  for name, (value, valid) in hyperparameters.items():
+    if value is None:
+      continue
+    if valid.integer:
+      _check_positive_int(name, value)
+    else:
+      check_hyperparameter_range(name, value, valid.low, valid.high, valid.high_inclusive)
 
 
 def _leaf_description(path, leaf) -> str:

@@ -4,13 +4,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import _validate
-from gradops_jax import aggregation
+from gradops_jax._src import base
+from gradops_jax._src import validation
+from gradops_jax._src.solvers import accelerated
 
 RIDGE = 1e-8
 
 
-def nash_mtl_weights(gram: jax.Array, tol: float = 1e-12, max_iters: int = 500) -> jax.Array:
+def nash_mtl_weights(
+    gram: jax.Array, tol: float = 1e-12, max_iters: int = 500
+) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""Nash-MTL coefficients from the Gram matrix.
 
   Nash-MTL (Navon et al., 2022, Eq. 2 and Sec. 3.1) weights the tasks by the
@@ -39,7 +42,8 @@ def nash_mtl_weights(gram: jax.Array, tol: float = 1e-12, max_iters: int = 500) 
     max_iters: cap on Newton steps.
 
   Returns:
-    ``(T,)`` weights :math:`\alpha > 0` (zeros when every gradient is zero).
+    ``(T,)`` weights :math:`\alpha > 0` (zeros when every gradient is zero),
+    and the Newton solve's info.
   """
   num_tasks = gram.shape[0]
   frobenius = jnp.sqrt(jnp.sum(gram**2))
@@ -78,9 +82,10 @@ def nash_mtl_weights(gram: jax.Array, tol: float = 1e-12, max_iters: int = 500) 
     new_alpha = jnp.where(jnp.any(acceptable), candidates[chosen], alpha)
     return step + 1, new_alpha
 
-  init = (jnp.array(0), jnp.ones((num_tasks,), gram.dtype))
-  _, alpha = jax.lax.while_loop(cond_fn, body_fn, init)
-  return jnp.where(frobenius > 0, alpha, 0.0)
+  init = (jnp.array(0, jnp.int32), jnp.ones((num_tasks,), gram.dtype))
+  num_steps, alpha = jax.lax.while_loop(cond_fn, body_fn, init)
+  info = accelerated.SolverInfo((residual(alpha) <= tol) | (frobenius == 0), num_steps)
+  return jnp.where(frobenius > 0, alpha, 0.0), info
 
 
 def scale_by_nash_mtl(
@@ -103,11 +108,11 @@ def scale_by_nash_mtl(
 
   Returns:
     An :class:`optax.GradientTransformation` with a
-    :class:`gradops_jax.aggregation.WeightsState`.
+    :class:`~gradops_jax.WeightsState`.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.nash_mtl import scale_by_nash_mtl
+    >>> from gradops_jax import scale_by_nash_mtl
     >>> tx = scale_by_nash_mtl(2)
     >>> g = {'w': jnp.array([[1.0, 0.0], [0.0, 1.0]])}
     >>> d, _ = tx.update(g, tx.init({'w': jnp.zeros(2)}))
@@ -116,8 +121,8 @@ def scale_by_nash_mtl(
     Navon et al., `Multi-Task Learning as a Bargaining Game
     <https://arxiv.org/abs/2202.01017>`_, ICML 2022, Sec. 3.
   """
-  _validate.check_hyperparameter_range("tol", tol, 0.0)
-  _validate.check_max_iters(max_iters)
-  return aggregation.weighting_aggregator(
-      num_tasks, lambda gram, _: nash_mtl_weights(gram, tol, max_iters)
+  return base.stateless_aggregator(
+      num_tasks,
+      lambda gram, _: nash_mtl_weights(gram, tol, max_iters),
+      {"tol": (tol, validation.NONNEGATIVE), "max_iters": (max_iters, validation.POSITIVE_INT)},
   )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import _validate
+from gradops_jax._src import validation
 
 
 def task_multi_steps(
@@ -57,7 +57,7 @@ def task_multi_steps(
   References:
     :class:`optax.MultiSteps`.
   """
-  num_tasks = _validate.check_num_tasks(num_tasks)
+  num_tasks = validation.check_num_tasks(num_tasks)
   multi_steps = optax.MultiSteps(opt, every_k_schedule, **multi_steps_kwargs)
 
   def init_fn(params):

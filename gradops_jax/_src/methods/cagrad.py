@@ -4,16 +4,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import _validate
-from gradops_jax import aggregation
-from gradops_jax import solvers
-from gradops_jax.gradops import default_rank_rtol
+from gradops_jax._src import base
+from gradops_jax._src import linalg
+from gradops_jax._src import tolerances
+from gradops_jax._src import validation
+from gradops_jax._src.solvers import accelerated
+from gradops_jax._src.solvers import nonnegative
+from gradops_jax._src.solvers import simplex
 
 
 def cagrad_weights(
     gram: jax.Array, c: float = 0.5, rescale: bool = True, tol: float = 1e-10,
     max_iters: int = 5000, zero_rtol: float = 0.0,
-) -> jax.Array:
+) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""CAGrad coefficients from the Gram matrix.
 
   With the mean gradient :math:`g_0 = \frac1T \sum_i g_i` and
@@ -28,7 +31,7 @@ def cagrad_weights(
   the last division being the official code's default ``rescale=1``. The
   convex problem is solved in task space with :math:`g_w^\top g_0 = w^\top K
   \mathbf{1}/T` and :math:`\|g_w\|^2 = w^\top K w` (see
-  :func:`gradops_jax.solvers.minimize_on_simplex`), on the Gram matrix scaled
+  the accelerated loop of the package), on the Gram matrix scaled
   to unit largest diagonal, to a Frank-Wolfe gap of ``tol``.
 
   When the dual optimum has :math:`g_{w^\star} = 0` (0 lies in the convex hull
@@ -48,11 +51,11 @@ def cagrad_weights(
       gradient, counts as zero.
 
   Returns:
-    ``(T,)`` coefficients :math:`\beta` with :math:`d = \sum_k \beta_k g_k`.
+    ``(T,)`` weights :math:`\beta` with :math:`d = \sum_k \beta_k g_k`, and
+    the dual solve's info.
   """
   num_tasks = gram.shape[0]
-  scale = jnp.max(jnp.diag(gram))
-  scaled = gram / jnp.where(scale > 0, scale, 1.0)
+  scaled, _ = linalg.scale_to_unit_diagonal(gram)
   mean = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
   radius = c * jnp.sqrt(jnp.maximum(mean @ scaled @ mean, 0.0))
   tiny = jnp.finfo(gram.dtype).tiny
@@ -63,16 +66,16 @@ def cagrad_weights(
     gradient = scaled @ mean + radius * (scaled @ w) / jnp.maximum(norm, tiny)
     return value, gradient
 
-  w = solvers.minimize_on_simplex(value_and_grad, num_tasks, gram.dtype, tol, max_iters)
+  w, info = simplex.minimize_on_simplex(value_and_grad, num_tasks, gram.dtype, tol, max_iters)
   norm = jnp.sqrt(jnp.maximum(w @ scaled @ w, 0.0))
   coefficients = mean + radius / jnp.maximum(norm, tiny) * w
   # Degenerate dual optimum g_w = 0 (0 is in the convex hull): the optimal
   # value is 0 and the optimal updates are the d in the ball with g_i . d >= 0
   # for all i; take the one closest to g0, its projection onto that cone.
-  projection = mean + solvers.nonnegative_quadratic_minimizer(scaled, scaled @ mean)
+  shift, _ = nonnegative.nonnegative_quadratic_minimizer(scaled, scaled @ mean)
   degenerate = norm <= zero_rtol
-  coefficients = jnp.where(degenerate, projection, coefficients)
-  return coefficients / (1.0 + c**2) if rescale else coefficients
+  coefficients = jnp.where(degenerate, mean + shift, coefficients)
+  return (coefficients / (1.0 + c**2) if rescale else coefficients), info
 
 
 def scale_by_cagrad(
@@ -96,11 +99,11 @@ def scale_by_cagrad(
 
   Returns:
     An :class:`optax.GradientTransformation` with a
-    :class:`gradops_jax.aggregation.WeightsState`.
+    :class:`~gradops_jax.WeightsState`.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.cagrad import scale_by_cagrad
+    >>> from gradops_jax import scale_by_cagrad
     >>> tx = scale_by_cagrad(2, c=0.5)
     >>> g = {'w': jnp.array([[1.0, 0.0], [-1.0, 2.0]])}
     >>> d, _ = tx.update(g, tx.init({'w': jnp.zeros(2)}))
@@ -109,14 +112,15 @@ def scale_by_cagrad(
     Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning
     <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021, Algorithm 1.
   """
-  _validate.check_hyperparameter_range("c", c, 0.0)
-  _validate.check_hyperparameter_range("tol", tol, 0.0)
-  _validate.check_max_iters(max_iters)
-  return aggregation.weighting_aggregator(
+  return base.stateless_aggregator(
       num_tasks,
       lambda gram, _: cagrad_weights(
-          # g_w is exact on the Gram matrix whatever the input dtype: only the
-          # Gram matrix's own resolution makes it numerically zero.
-          gram, c, rescale, tol, max_iters, default_rank_rtol(num_tasks, jnp.float64)
+          # g_w is exact on the Gram matrix whatever the input dtype.
+          gram, c, rescale, tol, max_iters, tolerances.gram_rank_rtol(num_tasks)
       ),
+      {
+          "c": (c, validation.NONNEGATIVE),
+          "tol": (tol, validation.NONNEGATIVE),
+          "max_iters": (max_iters, validation.POSITIVE_INT),
+      },
   )

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import aggregation
-from gradops_jax import gram as gram_lib
+from gradops_jax._src import base
+from gradops_jax._src import linalg
+from gradops_jax._src.solvers import accelerated
 
 
 def imtl_g_weights(gram: jax.Array) -> jax.Array:
@@ -36,7 +37,7 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
     ``(T,)`` coefficients :math:`\alpha` (zero when every gradient is zero).
   """
   num_tasks = gram.shape[0]
-  norms, inverse_norms, cosine = gram_lib.cosine_from_gram(gram)
+  norms, inverse_norms, cosine = linalg.cosine_from_gram(gram)
   active = norms > 0
   task_ids = jnp.arange(num_tasks, dtype=jnp.int32)
   reference = jnp.min(jnp.where(active, task_ids, num_tasks - 1))
@@ -66,11 +67,11 @@ def scale_by_imtl_g(num_tasks: int) -> optax.GradientTransformation:
 
   Returns:
     An :class:`optax.GradientTransformation` with a
-    :class:`gradops_jax.aggregation.WeightsState`.
+    :class:`~gradops_jax.WeightsState`.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.imtl_g import scale_by_imtl_g
+    >>> from gradops_jax import scale_by_imtl_g
     >>> tx = scale_by_imtl_g(2)
     >>> g = {'w': jnp.array([[2.0, 0.0], [0.0, 1.0]])}
     >>> d = tx.update(g, tx.init({'w': jnp.zeros(2)}))[0]['w']
@@ -79,4 +80,6 @@ def scale_by_imtl_g(num_tasks: int) -> optax.GradientTransformation:
     Liu et al., `Towards Impartial Multi-task Learning
     <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021, Sec. 3.2.
   """
-  return aggregation.weighting_aggregator(num_tasks, lambda gram, _: imtl_g_weights(gram))
+  return base.stateless_aggregator(
+      num_tasks, lambda gram, _: (imtl_g_weights(gram), accelerated.no_iterations())
+  )

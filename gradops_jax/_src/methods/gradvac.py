@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import _validate
-from gradops_jax import aggregation
-from gradops_jax.gradops import default_rank_rtol
-from gradops_jax.methods import _surgery
+from gradops_jax._src import base
+from gradops_jax._src import tolerances
+from gradops_jax._src import validation
+from gradops_jax._src.methods import _surgery
 
 
 class GradVacState(NamedTuple):
@@ -21,7 +21,7 @@ class GradVacState(NamedTuple):
       can serialise the state.
     targets: ``(T, T)`` float32 EMA targets :math:`\\hat\\phi_{ij}` of the
       cosine between (modified) task ``i`` and task ``j``.
-    weights: ``(T,)`` float32 coefficients of the last update.
+    weights: ``(T,)`` float32 weights :math:`\beta` of the last update.
   """
 
   key: jax.Array
@@ -59,10 +59,10 @@ def gradvac_weights(
     targets: ``(T, T)`` current targets :math:`\hat\phi`.
     beta: EMA rate :math:`\beta`.
     zero_rtol: relative length below which a modified gradient counts as zero
-      (the scale uses :func:`gradops_jax.gradops.default_rank_rtol`).
+      (:func:`~gradops_jax.default_rank_rtol` of the gradients' dtype).
 
   Returns:
-    ``(coefficients, new_targets)``.
+    ``(weights, new_targets)``.
   """
   num_tasks = gram.shape[0]
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
@@ -115,7 +115,7 @@ def scale_by_gradvac(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.gradvac import scale_by_gradvac
+    >>> from gradops_jax import scale_by_gradvac
     >>> tx = scale_by_gradvac(2)
     >>> g = {'w': jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
     >>> d, state = tx.update(g, tx.init({'w': jnp.zeros(2)}))
@@ -125,7 +125,6 @@ def scale_by_gradvac(
     Optimization in Massively Multilingual Models
     <https://arxiv.org/abs/2010.05874>`_, ICLR 2021, Algorithm 2.
   """
-  _validate.check_hyperparameter_range("beta", beta, 0.0, 1.0)
 
   def init_state():
     return GradVacState(
@@ -137,10 +136,12 @@ def scale_by_gradvac(
   def solve(gram, state, input_dtype):
     key, order = _surgery.next_task_order(state.key, num_tasks)
     coefficients, targets = gradvac_weights(
-        gram, order, state.targets, beta, default_rank_rtol(num_tasks, input_dtype)
+        gram, order, state.targets, beta, tolerances.input_rank_rtol(num_tasks, input_dtype)
     )
     return coefficients, GradVacState(
         key=key, targets=targets, weights=coefficients
     )
 
-  return aggregation.gram_aggregator(num_tasks, init_state, solve)
+  return base.gram_aggregator(
+      num_tasks, init_state, solve, {"beta": (beta, validation.UNIT_INTERVAL)}
+  )

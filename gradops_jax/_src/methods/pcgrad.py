@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import aggregation
-from gradops_jax.methods import _surgery
+from gradops_jax._src import base
+from gradops_jax._src.methods import _surgery
 
 
 class PCGradState(NamedTuple):
@@ -38,7 +38,7 @@ def pcgrad_weights(gram: jax.Array, order: jax.Array) -> jax.Array:
     order: ``(T,)`` permutation of the tasks.
 
   Returns:
-    ``(T,)`` coefficients :math:`\beta`.
+    ``(T,)`` weights :math:`\beta`.
   """
   num_tasks = gram.shape[0]
 
@@ -79,7 +79,7 @@ def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformati
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.pcgrad import scale_by_pcgrad
+    >>> from gradops_jax import scale_by_pcgrad
     >>> tx = scale_by_pcgrad(2)
     >>> g = {'w': jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
     >>> tx.update(g, tx.init({'w': jnp.zeros(2)}))[0]['w'].tolist()
@@ -102,4 +102,4 @@ def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformati
     coefficients = pcgrad_weights(gram, order)
     return coefficients, PCGradState(key=key, weights=coefficients)
 
-  return aggregation.gram_aggregator(num_tasks, init_state, solve)
+  return base.gram_aggregator(num_tasks, init_state, solve)

@@ -53,10 +53,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import _validate
-from gradops_jax import aggregation
-from gradops_jax import solvers
-from gradops_jax.gradops import default_rank_rtol
+from gradops_jax._src import base
+from gradops_jax._src import linalg
+from gradops_jax._src import tolerances
+from gradops_jax._src import validation
+from gradops_jax._src.solvers import accelerated
+from gradops_jax._src.solvers import simplex
 
 
 def _cone_maximiser(scaled, mean, radius, c, w):
@@ -84,7 +86,7 @@ def _cone_maximiser(scaled, mean, radius, c, w):
 def conicgrad_weights(
     gram: jax.Array, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000,
     zero_rtol: float = 0.0,
-) -> jax.Array:
+) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""ConicGrad coefficients from the Gram matrix (see the module docstring).
 
   .. math::
@@ -102,14 +104,12 @@ def conicgrad_weights(
       task gradient, counts as zero (it is rounding of cancelling tasks).
 
   Returns:
-    ``(T,)`` coefficients :math:`\beta` with :math:`d^\star = \sum_k \beta_k g_k`;
-    zero when the optimal worst-task improvement is zero (then :math:`d = 0`
-    is optimal) or the mean gradient is zero.
+    ``(T,)`` weights :math:`\beta` with :math:`d^\star = \sum_k \beta_k g_k`
+    (zero when the optimal worst-task improvement is zero, then :math:`d = 0`
+    is optimal, or the mean gradient is zero), and the dual solve's info.
   """
   num_tasks = gram.shape[0]
-  scale = jnp.max(jnp.diag(gram))
-  # Scaling all gradients by 1/sqrt(scale) leaves beta unchanged.
-  scaled = gram / jnp.where(scale > 0, scale, 1.0)
+  scaled, _ = linalg.scale_to_unit_diagonal(gram)
   mean = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
   radius = jnp.sqrt(jnp.maximum(mean @ scaled @ mean, 0.0))
 
@@ -117,12 +117,12 @@ def conicgrad_weights(
     beta, value = _cone_maximiser(scaled, mean, radius, c, w)
     return value, scaled @ beta
 
-  w = solvers.minimize_on_simplex(value_and_grad, num_tasks, gram.dtype, tol, max_iters)
+  w, info = simplex.minimize_on_simplex(value_and_grad, num_tasks, gram.dtype, tol, max_iters)
   beta, value = _cone_maximiser(scaled, mean, radius, c, w)
   # 0 is in the cone, so the optimum is >= 0; when it is 0 (to the solver's
   # tolerance), d = 0 is optimal and the dual maximiser would be noise.
   positive = (radius > zero_rtol) & (value > zero_rtol * radius)
-  return jnp.where(positive, beta, 0.0)
+  return jnp.where(positive, beta, 0.0), info
 
 
 def scale_by_conicgrad(
@@ -147,11 +147,11 @@ def scale_by_conicgrad(
 
   Returns:
     An :class:`optax.GradientTransformation` with a
-    :class:`gradops_jax.aggregation.WeightsState`.
+    :class:`~gradops_jax.WeightsState`.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.conicgrad import scale_by_conicgrad
+    >>> from gradops_jax import scale_by_conicgrad
     >>> tx = scale_by_conicgrad(2, c=0.5)
     >>> g = {'w': jnp.array([[1.0, 0.0], [-1.0, 2.0]])}
     >>> d, _ = tx.update(g, tx.init({'w': jnp.zeros(2)}))
@@ -161,12 +161,14 @@ def scale_by_conicgrad(
     Them In a Cone <https://arxiv.org/abs/2502.00217>`_, 2025 (problem
     statement; the derivation is ours).
   """
-  _validate.check_hyperparameter_range("c", c, 0.0, 1.0)
-  _validate.check_hyperparameter_range("tol", tol, 0.0)
-  _validate.check_max_iters(max_iters)
-  return aggregation.weighting_aggregator(
+  return base.stateless_aggregator(
       num_tasks,
       lambda gram, input_dtype: conicgrad_weights(
-          gram, c, tol, max_iters, default_rank_rtol(num_tasks, input_dtype)
+          gram, c, tol, max_iters, tolerances.input_rank_rtol(num_tasks, input_dtype)
       ),
+      {
+          "c": (c, validation.UNIT_INTERVAL),
+          "tol": (tol, validation.NONNEGATIVE),
+          "max_iters": (max_iters, validation.POSITIVE_INT),
+      },
   )

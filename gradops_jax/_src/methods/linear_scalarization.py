@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradops_jax import _validate
-from gradops_jax import gram as gram_lib
+from gradops_jax._src import passes
+from gradops_jax._src import validation
 
 
 def scale_by_linear_scalarization(
@@ -33,7 +33,7 @@ def scale_by_linear_scalarization(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.linear_scalarization import scale_by_linear_scalarization
+    >>> from gradops_jax import scale_by_linear_scalarization
     >>> tx = scale_by_linear_scalarization(2)
     >>> g = {'w': jnp.array([[1.0, 0.0], [0.0, 1.0]])}
     >>> tx.update(g, tx.init({'w': jnp.zeros(2)}))[0]['w'].tolist()
@@ -43,22 +43,22 @@ def scale_by_linear_scalarization(
     Xin et al., `Do Current Multi-Task Optimization Methods in Deep Learning
     Even Help? <https://arxiv.org/abs/2209.11379>`_, NeurIPS 2022.
   """
-  num_tasks = _validate.check_num_tasks(num_tasks)
+  num_tasks = validation.check_num_tasks(num_tasks)
   if weights is None:
     weights = np.full((num_tasks,), 1.0 / num_tasks)
   if not isinstance(weights, jax.core.Tracer):
     weights = np.asarray(weights, np.float64)  # full precision for float64 gradients
   if weights.shape != (num_tasks,):
     raise ValueError(f"weights must have shape ({num_tasks},), got {weights.shape}.")
-  _validate.check_hyperparameter_range("weights", weights)
+  validation.check_hyperparameter_range("weights", weights)
 
   def init_fn(params):
-    _validate.check_params(params)
+    validation.check_params(params)
     return optax.EmptyState()
 
   def update_fn(task_grads, state, params=None):
-    _validate.check_task_grads(task_grads, num_tasks, params)
+    validation.check_task_grads(task_grads, num_tasks, params)
     with jax.enable_x64(True):
-      return gram_lib.combine(task_grads, jnp.asarray(weights, jnp.float64)), state
+      return passes.combine(task_grads, jnp.asarray(weights, jnp.float64)), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradops_jax import aggregation
+from gradops_jax._src import base
+from gradops_jax._src.solvers import accelerated
 
 
 def aligned_mtl_weights(gram: jax.Array, rank_rtol: float) -> jax.Array:
@@ -60,11 +61,11 @@ def scale_by_aligned_mtl(num_tasks: int) -> optax.GradientTransformation:
 
   Returns:
     An :class:`optax.GradientTransformation` with a
-    :class:`gradops_jax.aggregation.WeightsState`.
+    :class:`~gradops_jax.WeightsState`.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from gradops_jax.methods.aligned_mtl import scale_by_aligned_mtl
+    >>> from gradops_jax import scale_by_aligned_mtl
     >>> tx = scale_by_aligned_mtl(2)
     >>> g = {'w': jnp.array([[2.0, 0.0], [0.0, 1.0]])}
     >>> tx.update(g, tx.init({'w': jnp.zeros(2)}))[0]['w'].tolist()
@@ -74,9 +75,10 @@ def scale_by_aligned_mtl(num_tasks: int) -> optax.GradientTransformation:
     Senushkin et al., `Independent Component Alignment for Multi-Task Learning
     <https://arxiv.org/abs/2305.19000>`_, CVPR 2023, Algorithm 1.
   """
-  return aggregation.weighting_aggregator(
+  return base.stateless_aggregator(
       num_tasks,
-      lambda gram, input_dtype: aligned_mtl_weights(
-          gram, num_tasks * float(jnp.finfo(input_dtype).eps)
+      lambda gram, input_dtype: (
+          aligned_mtl_weights(gram, num_tasks * float(jnp.finfo(input_dtype).eps)),
+          accelerated.no_iterations(),
       ),
   )

@@ -8,7 +8,7 @@ Every aggregator reads the stacked ``(T, D)`` gradients twice: once for their
 Gram matrix into one sequential loop: on the 2-core benchmark machine it
 took 3 to 8 times as long as one read of the leaf (see
 ``benchmarks/README.md``). The kernel does the same arithmetic as
-:func:`gradops_jax.gram.leaf_gram` (float64 sums of the exact products of
+:func:`gradops_jax.leaf_gram` (float64 sums of the exact products of
 float32 inputs) in 0.3 to 1.9 times that one read:
 
 * the columns are cut into chunks that depend only on ``(T, D)``; XLA's own
@@ -21,7 +21,7 @@ float32 inputs) in 0.3 to 1.9 times that one read:
   diagonal tiles leave the converted block in the level-1 cache for the
   others).
 
-**Combine.** The sum that :func:`gradops_jax.gram.combine`'s XLA loop
+**Combine.** The sum that :func:`gradops_jax.combine`'s XLA loop
 writes, task after task in the gradients' dtype, on XLA's thread pool and
 rounded exactly as written (the library is built with ``-ffp-contract=off``;
 XLA's compiled loop rounds some sums differently, a few ulps apart). What
@@ -133,8 +133,8 @@ def available() -> bool:
     compiler, or a failed build; the log says which).
 
   Example:
-    >>> from gradops_jax import cpu_kernels
-    >>> isinstance(cpu_kernels.available(), bool)
+    >>> from gradops_jax import kernels_available
+    >>> isinstance(kernels_available(), bool)
     True
   """
   with _BUILD_LOCK:  # functools.cache alone may run this twice in two threads
@@ -209,15 +209,6 @@ def gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Arr
   Returns:
     The ``(T, T)`` float64 Gram matrix.
 
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from gradops_jax import cpu_kernels
-    >>> rows = jnp.array([[1.0, 2.0], [3.0, 4.0]])
-    >>> with jax.enable_x64(True):
-    ...   print(cpu_kernels.gram(rows, lambda r: jnp.dot(r, r.T).astype(jnp.float64)))
-    [[ 5. 11.]
-     [11. 25.]]
-
   References:
     `The XLA FFI <https://docs.jax.dev/en/latest/ffi.html>`_.
   """
@@ -253,7 +244,7 @@ def combine(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array, fallback: C
     d_k = \sum_{t=1}^{T} (r_{tk}\, a_t)\, b_t
 
   summed task after task in the rows' dtype, as
-  :func:`gradops_jax.gram.combine` does in XLA (its coefficients are split
+  :func:`gradops_jax.combine` does in XLA (its coefficients are split
   into two factors to stay in range). The choice is made per platform when
   the program is lowered, as for :func:`gram`; ``fallback`` also runs on CPU
   when the rows are not float32 or float64, when the factors have another
@@ -268,14 +259,6 @@ def combine(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array, fallback: C
 
   Returns:
     The ``(D,)`` combination, in the rows' dtype.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from gradops_jax import cpu_kernels
-    >>> rows = jnp.array([[1.0, 2.0], [3.0, 4.0]])
-    >>> weigh = lambda r, a, b: jnp.sum(r * (a * b)[:, None], axis=0)
-    >>> print(cpu_kernels.combine(rows, jnp.array([1.0, 2.0]), jnp.array([0.5, 1.0]), weigh))
-    [6.5 9. ]
 
   References:
     `The XLA FFI <https://docs.jax.dev/en/latest/ffi.html>`_;

@@ -1,0 +1,72 @@
+r"""Small T x T linear algebra shared by the methods: cosines, scalings, masked blocks."""
+
+import jax
+import jax.numpy as jnp
+
+
+def cosine_from_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""Norms and cosine matrix of the task gradients from their Gram matrix.
+
+  .. math::
+
+    n_i = \sqrt{K_{ii}}, \qquad C_{ij} = \frac{K_{ij}}{n_i n_j}
+
+  Solving in cosine space makes the methods invariant to the scale of each
+  task and keeps scales from 1e-20 to 1e20 in range. Zero gradients get
+  :math:`n_i = 0`, a zero row and column in :math:`C`, and a zero diagonal.
+
+  Args:
+    gram: ``(T, T)`` Gram matrix.
+
+  Returns:
+    ``(norms, inverse_norms, cosine)``, with ``inverse_norms`` zero where the
+    norm is zero.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gradops_jax import cosine_from_gram
+    >>> norms, _, cosine = cosine_from_gram(jnp.array([[4.0, -2.0], [-2.0, 1.0]]))
+    >>> norms.tolist(), cosine.tolist()
+    ([2.0, 1.0], [[1.0, -1.0], [-1.0, 1.0]])
+  """
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+  active = norms > 0
+  inverse_norms = jnp.where(active, 1.0 / jnp.where(active, norms, 1.0), 0.0)
+  cosine = jnp.clip(gram * inverse_norms[:, None] * inverse_norms[None, :], -1.0, 1.0)
+  identity = jnp.eye(gram.shape[0], dtype=bool)
+  cosine = jnp.where(identity, active.astype(gram.dtype), cosine)
+  return norms, inverse_norms, cosine
+
+
+def scale_to_unit_diagonal(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The Gram matrix divided by its largest diagonal entry (by 1 when that is 0), and that divisor.
+
+  Scaling every gradient by the same factor leaves the weights of a
+  scale-equivariant method unchanged and keeps its tolerances relative.
+  """
+  scale = jnp.max(jnp.diag(gram))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return gram / scale, scale
+
+
+def masked_block(matrix: jax.Array, mask: jax.Array) -> jax.Array:
+  """``matrix`` on the block ``mask x mask``, the identity elsewhere.
+
+  The coordinates outside the block decouple with eigenvalue 1, so a solve or
+  an eigendecomposition of the result acts on the block alone with static
+  shapes.
+  """
+  identity = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+  return jnp.where(mask[:, None] & mask[None, :], matrix, identity)
+
+
+def thresholded_eigh_solve(matrix: jax.Array, rhs: jax.Array, threshold: float) -> jax.Array:
+  """Least-squares solution of ``matrix x = rhs`` dropping eigenvalues not above ``threshold``.
+
+  ``matrix`` is symmetric positive semi-definite; eigen-directions at or below
+  the threshold are treated as its null space (rounding, not signal).
+  """
+  eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
+  kept = eigenvalues > threshold
+  inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
+  return eigenvectors @ (inverse * (eigenvectors.T @ rhs))

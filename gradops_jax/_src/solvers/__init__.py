@@ -1,0 +1,1 @@
+"""T x T solvers, one module per problem; every loop reports a :class:`SolverInfo`."""

@@ -1,0 +1,74 @@
+r"""Every threshold of the package, and the one rule for the dtype it uses.
+
+Dtype policy. The task-space solves run on the float64 Gram matrix, but the
+gradients it came from carry the rounding of *their* dtype. So:
+
+* a decision about the **inputs** (is a direction in the span of the others,
+  is a residual rounding, is a modified gradient cancelled) uses the machine
+  epsilon of the least precise gradient dtype (:func:`input_rank_rtol`), at
+  least :math:`\sqrt{\epsilon_{64}}`, the shortest relative residual a float64
+  Gram matrix resolves;
+* a decision about a quantity computed **exactly on the Gram matrix** (the
+  norm of a combination :math:`\|g_w\|^2 = w^\top K w`) uses float64 alone
+  (:func:`gram_rank_rtol`);
+* a test inside a solver compares against the rounding of its own float64
+  arithmetic (:func:`rounding_bound`, :func:`eigen_resolution`).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+GRAM_DTYPE = jnp.float64
+
+
+def least_precise_dtype(tree: Any):
+  """The floating dtype with the largest machine epsilon among the leaves."""
+  dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)]
+  return max(dtypes, key=lambda dtype: jnp.finfo(dtype).eps, default=jnp.float32)
+
+
+def default_rank_rtol(num_tasks: int, dtype: Any = jnp.float32) -> float:
+  r"""Default rank tolerance :math:`10 \sqrt{T}\,\max(\epsilon_{\text{dtype}}, \sqrt{\epsilon_{64}})`.
+
+  ``dtype`` is the dtype of the task *gradients* (float32 by default), not of
+  the Gram matrix: both GradOPS entry points use it, so the same gradients
+  give the same answer through :func:`gradops_jax.scale_by_gradops` and
+  :func:`gradops_jax.gradops_solve`.
+
+  Args:
+    num_tasks: T.
+    dtype: the least precise dtype of the task gradients.
+
+  Returns:
+    The tolerance, a Python float.
+
+  Example:
+    >>> from gradops_jax import default_rank_rtol
+    >>> round(default_rank_rtol(4), 8)
+    2.384e-06
+  """
+  resolution = max(float(jnp.finfo(dtype).eps), float(jnp.finfo(GRAM_DTYPE).eps) ** 0.5)
+  return float(10.0 * num_tasks**0.5 * resolution)
+
+
+def input_rank_rtol(num_tasks: int, dtype: Any) -> float:
+  """Relative length below which a combination of the inputs is their rounding."""
+  return default_rank_rtol(num_tasks, dtype)
+
+
+def gram_rank_rtol(num_tasks: int) -> float:
+  """Relative length below which a quantity exact on the float64 Gram matrix is zero."""
+  return default_rank_rtol(num_tasks, GRAM_DTYPE)
+
+
+def eigen_resolution(num_tasks: int, dtype: Any) -> float:
+  """Eigenvalues of a unit-diagonal T x T matrix below this are rounding of the eigensolver."""
+  return 10 * num_tasks * float(jnp.finfo(dtype).eps)
+
+
+def rounding_bound(num_tasks: int, magnitude: jax.Array) -> jax.Array:
+  r"""Bound :math:`2 (T + 2)\,\epsilon\,m` on the rounding of T-term sums of size ``magnitude``."""
+  eps = jnp.finfo(jnp.result_type(magnitude)).eps
+  return 2 * (num_tasks + 2) * eps * magnitude
