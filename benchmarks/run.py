@@ -33,15 +33,15 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 # Parameter shapes of ResNet-18 (ImageNet head), 62 leaves, 11.7M parameters.
 RESNET18_SHAPES = (
-    [(7, 7, 3, 64), (64,), (64,)]
-    + [(3, 3, 64, 64), (64,), (64,)] * 4
-    + [(3, 3, 64, 128), (128,), (128,), (3, 3, 128, 128), (128,), (128,), (1, 1, 64, 128), (128,), (128,)]
-    + [(3, 3, 128, 128), (128,), (128,)] * 2
-    + [(3, 3, 128, 256), (256,), (256,), (3, 3, 256, 256), (256,), (256,), (1, 1, 128, 256), (256,), (256,)]
-    + [(3, 3, 256, 256), (256,), (256,)] * 2
-    + [(3, 3, 256, 512), (512,), (512,), (3, 3, 512, 512), (512,), (512,), (1, 1, 256, 512), (512,), (512,)]
-    + [(3, 3, 512, 512), (512,), (512,)] * 2
-    + [(512, 1000), (1000,)]
+  [(7, 7, 3, 64), (64,), (64,)]
+  + [(3, 3, 64, 64), (64,), (64,)] * 4
+  + [(3, 3, 64, 128), (128,), (128,), (3, 3, 128, 128), (128,), (128,), (1, 1, 64, 128), (128,), (128,)]
+  + [(3, 3, 128, 128), (128,), (128,)] * 2
+  + [(3, 3, 128, 256), (256,), (256,), (3, 3, 256, 256), (256,), (256,), (1, 1, 128, 256), (256,), (256,)]
+  + [(3, 3, 256, 256), (256,), (256,)] * 2
+  + [(3, 3, 256, 512), (512,), (512,), (3, 3, 512, 512), (512,), (512,), (1, 1, 256, 512), (512,), (512,)]
+  + [(3, 3, 512, 512), (512,), (512,)] * 2
+  + [(512, 1000), (1000,)]
 )
 
 
@@ -129,7 +129,9 @@ def scaled_shapes(shapes, target_size):
 
 def stacked_tree(num_tasks, shapes, seed=0):
   keys = jax.random.split(jax.random.key(seed), len(shapes))
-  return {f"leaf{i:03d}": jax.random.normal(k, (num_tasks, *s), jnp.float32) for i, (k, s) in enumerate(zip(keys, shapes))}
+  return {
+    f"leaf{i:03d}": jax.random.normal(k, (num_tasks, *s), jnp.float32) for i, (k, s) in enumerate(zip(keys, shapes))
+  }
 
 
 def params_like(tree):
@@ -155,11 +157,24 @@ def bench_floor(sizes, tasks, repeats):
       for num_tasks in tasks:
         tree = stacked_tree(num_tasks, shapes)
         params = params_like(tree)
-        times = median_times({"ours": (aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params), (tree,)),
-                              "floor": (floor_step(num_tasks), (tree,))}, repeats)
+        times = median_times(
+          {
+            "ours": (aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params), (tree,)),
+            "floor": (floor_step(num_tasks), (tree,)),
+          },
+          repeats,
+        )
         ours, floor = times["ours"], times["floor"]
-        rows.append({"D": dim, "layout": layout, "T": num_tasks, "gradops_ms": 1e3 * ours,
-                     "floor_ms": 1e3 * floor, "floor_ratio": ours / floor})
+        rows.append(
+          {
+            "D": dim,
+            "layout": layout,
+            "T": num_tasks,
+            "gradops_ms": 1e3 * ours,
+            "floor_ms": 1e3 * floor,
+            "floor_ratio": ours / floor,
+          }
+        )
         del tree
   return rows
 
@@ -236,10 +251,15 @@ def bench_bounds(size, tasks, repeats):
   for num_tasks in tasks:
     tree = stacked_tree(num_tasks, [(int(size),)])
     params = params_like(tree)
-    steps = {"floor": floor_step(num_tasks), "two_pass": two_pass_step(),
-             "gram64": float64_gram_step(num_tasks), "gram64_xla": xla_gram_step(num_tasks),
-             "gram32": float32_gram_step(num_tasks), "combine": combine_step(num_tasks),
-             "gradops": aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params)}
+    steps = {
+      "floor": floor_step(num_tasks),
+      "two_pass": two_pass_step(),
+      "gram64": float64_gram_step(num_tasks),
+      "gram64_xla": xla_gram_step(num_tasks),
+      "gram32": float32_gram_step(num_tasks),
+      "combine": combine_step(num_tasks),
+      "gradops": aggregator_step(gradops_jax.scale_by_gradops(num_tasks), params),
+    }
     calls = {name: (step, (tree,)) for name, step in steps.items()}
     if peers is not None:
       calls["torchjd_pcgrad"] = (peers["PCGrad"], (torch.from_numpy(np.array(tree["leaf000"])),))
@@ -258,17 +278,17 @@ def bench_bounds(size, tasks, repeats):
 
 def method_transforms(num_tasks):
   return {
-      "GradOPS": gradops_jax.scale_by_gradops(num_tasks),
-      "PCGrad": gradops_jax.scale_by_pcgrad(num_tasks),
-      "UPGrad": gradops_jax.scale_by_upgrad(num_tasks),
-      "MGDA": gradops_jax.scale_by_mgda(num_tasks),
-      "Mean": gradops_jax.scale_by_linear_scalarization(num_tasks),
-      "IMTL-G": gradops_jax.scale_by_imtl_g(num_tasks),
-      "CAGrad": gradops_jax.scale_by_cagrad(num_tasks),
-      "ConicGrad": gradops_jax.scale_by_conicgrad(num_tasks),
-      "Aligned-MTL": gradops_jax.scale_by_aligned_mtl(num_tasks),
-      "Nash-MTL": gradops_jax.scale_by_nash_mtl(num_tasks),
-      "GradVac": gradops_jax.scale_by_gradvac(num_tasks),
+    "GradOPS": gradops_jax.scale_by_gradops(num_tasks),
+    "PCGrad": gradops_jax.scale_by_pcgrad(num_tasks),
+    "UPGrad": gradops_jax.scale_by_upgrad(num_tasks),
+    "MGDA": gradops_jax.scale_by_mgda(num_tasks),
+    "Mean": gradops_jax.scale_by_linear_scalarization(num_tasks),
+    "IMTL-G": gradops_jax.scale_by_imtl_g(num_tasks),
+    "CAGrad": gradops_jax.scale_by_cagrad(num_tasks),
+    "ConicGrad": gradops_jax.scale_by_conicgrad(num_tasks),
+    "Aligned-MTL": gradops_jax.scale_by_aligned_mtl(num_tasks),
+    "Nash-MTL": gradops_jax.scale_by_nash_mtl(num_tasks),
+    "GradVac": gradops_jax.scale_by_gradvac(num_tasks),
   }
 
 
@@ -279,8 +299,12 @@ def torchjd_aggregators():
   except ImportError:
     return None, None
   torch.set_num_threads(len(os.sched_getaffinity(0)))  # same cores as XLA
-  return torch, {"PCGrad": aggregation.PCGrad(), "UPGrad": aggregation.UPGrad(),
-                 "MGDA": aggregation.MGDA(), "Mean": aggregation.Mean()}
+  return torch, {
+    "PCGrad": aggregation.PCGrad(),
+    "UPGrad": aggregation.UPGrad(),
+    "MGDA": aggregation.MGDA(),
+    "Mean": aggregation.Mean(),
+  }
 
 
 def bench_methods_and_peers(size, tasks, repeats):
@@ -317,23 +341,38 @@ def bench_scaling(sizes, tasks, fixed_size, fixed_tasks, repeats):
   for size in sizes:
     tree = stacked_tree(fixed_tasks, [(int(size),)])
     params = params_like(tree)
-    times = median_times({"ours": (aggregator_step(gradops_jax.scale_by_gradops(fixed_tasks), params), (tree,)),
-                          "floor": (floor_step(fixed_tasks), (tree,))}, repeats)
+    times = median_times(
+      {
+        "ours": (aggregator_step(gradops_jax.scale_by_gradops(fixed_tasks), params), (tree,)),
+        "floor": (floor_step(fixed_tasks), (tree,)),
+      },
+      repeats,
+    )
     ours, floor = times["ours"], times["floor"]
     by_size.append({"D": int(size), "T": fixed_tasks, "gradops_ms": 1e3 * ours, "floor_ms": 1e3 * floor})
   for num_tasks in tasks:
     tree = stacked_tree(num_tasks, [(int(fixed_size),)])
     params = params_like(tree)
     tx = gradops_jax.scale_by_gradops(num_tasks)
-    times = median_times({"ours": (aggregator_step(tx, params), (tree,)), "floor": (floor_step(num_tasks), (tree,))},
-                         repeats)
+    times = median_times(
+      {"ours": (aggregator_step(tx, params), (tree,)), "floor": (floor_step(num_tasks), (tree,))}, repeats
+    )
     ours, floor = times["ours"], times["floor"]
     gram = jnp.asarray(np.cov(np.random.default_rng(0).standard_normal((num_tasks, 4 * num_tasks))))
     with jax.enable_x64(True):
       solve = jax.jit(lambda k: gradops_jax.gradops_solve(k.astype(jnp.float64)).coefficients)
       solve_time = median_time(solve, gram, repeats=repeats)
-    by_tasks.append({"T": num_tasks, "D": int(fixed_size), "gradops_ms": 1e3 * ours, "floor_ms": 1e3 * floor,
-                     "ratio": ours / floor, "solve_ms": 1e3 * solve_time, "solve_fraction": solve_time / ours})
+    by_tasks.append(
+      {
+        "T": num_tasks,
+        "D": int(fixed_size),
+        "gradops_ms": 1e3 * ours,
+        "floor_ms": 1e3 * floor,
+        "ratio": ours / floor,
+        "solve_ms": 1e3 * solve_time,
+        "solve_fraction": solve_time / ours,
+      }
+    )
   return by_size, by_tasks
 
 
@@ -421,17 +460,31 @@ def bench_end_to_end(width, num_tasks, batch, repeats):
   full = median_time(gradops_step, model_a, opt_a, repeats=repeats)
   backward = median_time(task_grads_only, model_a, repeats=repeats)
   baseline = median_time(summed_step, model_b, opt_b, repeats=repeats)
-  return {"width": width, "T": num_tasks, "batch": batch, "gradops_step_ms": 1e3 * full,
-          "task_backward_ms": 1e3 * backward, "summed_adam_step_ms": 1e3 * baseline,
-          "step_ratio": full / baseline, "aggregation_share": max(full - backward, 0.0) / full}
+  return {
+    "width": width,
+    "T": num_tasks,
+    "batch": batch,
+    "gradops_step_ms": 1e3 * full,
+    "task_backward_ms": 1e3 * backward,
+    "summed_adam_step_ms": 1e3 * baseline,
+    "step_ratio": full / baseline,
+    "aggregation_share": max(full - backward, 0.0) / full,
+  }
 
 
 def _towers_model(width, num_tasks, seed=0):
   """A shared 2-layer trunk and one (width x width + width x 1) tower per task."""
   keys = iter(jax.random.split(jax.random.key(seed), 2 + 2 * num_tasks))
-  params = {"trunk": {name: jax.random.normal(next(keys), (width, width)) / width**0.5 for name in ("w1", "w2")},
-            "towers": [{"w": jax.random.normal(next(keys), (width, width)) / width**0.5,
-                        "out": jax.random.normal(next(keys), (width, 1)) / width**0.5} for _ in range(num_tasks)]}
+  params = {
+    "trunk": {name: jax.random.normal(next(keys), (width, width)) / width**0.5 for name in ("w1", "w2")},
+    "towers": [
+      {
+        "w": jax.random.normal(next(keys), (width, width)) / width**0.5,
+        "out": jax.random.normal(next(keys), (width, 1)) / width**0.5,
+      }
+      for _ in range(num_tasks)
+    ],
+  }
 
   def task_losses(params, x, y):
     hidden = jnp.tanh(jnp.tanh(x @ params["trunk"]["w1"]) @ params["trunk"]["w2"])
@@ -454,8 +507,15 @@ def bench_shared_partition(width, tasks, batch, repeats):
     partitioned = gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(num_tasks), num_tasks, shared)
     whole_ms = median_time(aggregator_step(whole, params), grads, repeats=repeats)
     shared_ms = median_time(aggregator_step(partitioned, params), grads, repeats=repeats)
-    rows.append({"width": width, "T": num_tasks, "whole_model_ms": 1e3 * whole_ms,
-                 "shared_only_ms": 1e3 * shared_ms, "ratio": shared_ms / whole_ms})
+    rows.append(
+      {
+        "width": width,
+        "T": num_tasks,
+        "whole_model_ms": 1e3 * whole_ms,
+        "shared_only_ms": 1e3 * shared_ms,
+        "ratio": shared_ms / whole_ms,
+      }
+    )
   return rows
 
 
@@ -474,12 +534,12 @@ def bench_task_gradients(width, num_tasks, batch, repeats):
     return jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))[0]
 
   methods = {
-      "mapped_vjp": lambda p: gradops_jax.value_and_task_grads(task_losses)(p, x, y)[1],
-      "vmapped_vjp": vmapped_vjp,
-      "jacrev": lambda p: jax.jacrev(task_losses)(p, x, y),
-      "separate_grads": lambda p: jax.tree.map(
-          lambda *g: jnp.stack(g),
-          *[jax.grad(lambda q, i=i: task_losses(q, x, y)[i])(p) for i in range(num_tasks)]),
+    "mapped_vjp": lambda p: gradops_jax.value_and_task_grads(task_losses)(p, x, y)[1],
+    "vmapped_vjp": vmapped_vjp,
+    "jacrev": lambda p: jax.jacrev(task_losses)(p, x, y),
+    "separate_grads": lambda p: jax.tree.map(
+      lambda *g: jnp.stack(g), *[jax.grad(lambda q, i=i: task_losses(q, x, y)[i])(p) for i in range(num_tasks)]
+    ),
   }
   row = {"width": width, "T": num_tasks, "batch": batch}
   for name, fn in methods.items():
@@ -487,71 +547,130 @@ def bench_task_gradients(width, num_tasks, batch, repeats):
   tx = gradops_jax.gradops(1e-3, num_tasks)
   state = tx.init(params)
   for name in ("mapped_vjp", "vmapped_vjp"):
+
     def step(p, s, grads_fn=methods[name]):
       updates, s = tx.update(grads_fn(p), s, p)
       return optax.apply_updates(p, updates), s
+
     row[f"step_{name}_ms"] = 1e3 * median_time(jax.jit(step), params, state, repeats=repeats)
   return row
 
 
 def markdown(results):
-  lines = [f"# gradops_jax benchmarks ({results['mode']})", "",
-           f"Machine: {results['machine']}; CPU kernels (gradops_jax.kernels_available): "
-           f"{'built' if results['cpu_kernels'] else 'not available, Gram and combine passes in XLA'}; "
-           f"malloc: {results['malloc']}", ""]
-  lines += ["## 1. Floor ratio (scale_by_gradops / one weighted sum over tasks)", "",
-            "| D | layout | T | gradops ms | floor ms | ratio |", "|---|---|---|---|---|---|"]
-  lines += [f"| {r['D']:.2e} | {r['layout']} | {r['T']} | {r['gradops_ms']:.2f} | {r['floor_ms']:.2f} | {r['floor_ratio']:.2f} |"
-            for r in results["floor"]]
-  lines += ["", "## 2. Methods and peers (one leaf)", "",
-            "| method | T | D | ours ms | / floor | torchjd ms | ours / torchjd |", "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# gradops_jax benchmarks ({results['mode']})",
+    "",
+    f"Machine: {results['machine']}; CPU kernels (gradops_jax.kernels_available): "
+    f"{'built' if results['cpu_kernels'] else 'not available, Gram and combine passes in XLA'}; "
+    f"malloc: {results['malloc']}",
+    "",
+  ]
+  lines += [
+    "## 1. Floor ratio (scale_by_gradops / one weighted sum over tasks)",
+    "",
+    "| D | layout | T | gradops ms | floor ms | ratio |",
+    "|---|---|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r['D']:.2e} | {r['layout']} | {r['T']} | {r['gradops_ms']:.2f} | {r['floor_ms']:.2f} | {r['floor_ratio']:.2f} |"
+    for r in results["floor"]
+  ]
+  lines += [
+    "",
+    "## 2. Methods and peers (one leaf)",
+    "",
+    "| method | T | D | ours ms | / floor | torchjd ms | ours / torchjd |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in results["methods"]:
     torch_ms = "" if r["torchjd_ms"] is None else f"{r['torchjd_ms']:.2f}"
     peer = r["peer_ratio"]
     peer = "" if peer is None else (peer if isinstance(peer, str) else f"{peer:.3f}")
-    lines.append(f"| {r['method']} | {r['T']} | {r['D']:.1e} | {r['ours_ms']:.2f} | {r['floor_ratio']:.2f} | {torch_ms} | {peer} |")
+    lines.append(
+      f"| {r['method']} | {r['T']} | {r['D']:.1e} | {r['ours_ms']:.2f} | {r['floor_ratio']:.2f} | {torch_ms} | {peer} |"
+    )
   pcgrad_rows = [r for r in results["methods"] if "gradops_vs_torchjd_pcgrad" in r]
   for r in pcgrad_rows:
-    lines.append(f"\nOur GradOPS / torchjd PCGrad at T={r['T']}, D={r['D']:.1e}: **{r['gradops_vs_torchjd_pcgrad']:.3f}**")
+    lines.append(
+      f"\nOur GradOPS / torchjd PCGrad at T={r['T']}, D={r['D']:.1e}: **{r['gradops_vs_torchjd_pcgrad']:.3f}**"
+    )
   lines += ["", "## 3. Scaling", "", "| D | T | gradops ms | floor ms |", "|---|---|---|---|"]
   lines += [f"| {r['D']:.1e} | {r['T']} | {r['gradops_ms']:.3f} | {r['floor_ms']:.3f} |" for r in results["scaling_D"]]
-  lines += ["", "| T | D | gradops ms | floor ms | ratio | T x T solve ms | solve share |", "|---|---|---|---|---|---|---|"]
-  lines += [f"| {r['T']} | {r['D']:.1e} | {r['gradops_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio']:.2f} | {r['solve_ms']:.3f} | {r['solve_fraction']:.3f} |"
-            for r in results["scaling_T"]]
-  lines += ["", "## 4. Peak temporary memory of the compiled update", "",
-            "| T | D | temp bytes | in parameter-sized float32 buffers |", "|---|---|---|---|"]
-  lines += [f"| {r['T']} | {r['D']:.1e} | {r['temp_bytes']:.0f} | {r['temp_in_param_buffers']:.3f} |" for r in results["memory"]]
+  lines += [
+    "",
+    "| T | D | gradops ms | floor ms | ratio | T x T solve ms | solve share |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r['T']} | {r['D']:.1e} | {r['gradops_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio']:.2f} | {r['solve_ms']:.3f} | {r['solve_fraction']:.3f} |"
+    for r in results["scaling_T"]
+  ]
+  lines += [
+    "",
+    "## 4. Peak temporary memory of the compiled update",
+    "",
+    "| T | D | temp bytes | in parameter-sized float32 buffers |",
+    "|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r['T']} | {r['D']:.1e} | {r['temp_bytes']:.0f} | {r['temp_in_param_buffers']:.3f} |" for r in results["memory"]
+  ]
   c = results["compile"]
-  lines += ["", "## 5. Compile time", "",
-            f"{c['leaves']}-leaf pytree: {c['compile_s']:.2f} s to compile; {c['retraces_over_steps']} retraces over {c['steps']} steps."]
+  lines += [
+    "",
+    "## 5. Compile time",
+    "",
+    f"{c['leaves']}-leaf pytree: {c['compile_s']:.2f} s to compile; {c['retraces_over_steps']} retraces over {c['steps']} steps.",
+  ]
   e = results["end_to_end"]
-  lines += ["", "## 6. End-to-end step (Flax NNX, 2-layer trunk, T heads)", "",
-            f"width {e['width']}, T={e['T']}, batch {e['batch']}: value_and_task_grads + gradops "
-            f"{e['gradops_step_ms']:.2f} ms vs summed loss + adam {e['summed_adam_step_ms']:.2f} ms "
-            f"(ratio {e['step_ratio']:.2f}); per-task backward alone {e['task_backward_ms']:.2f} ms, "
-            f"so aggregation + Adam is {100 * e['aggregation_share']:.0f}% of the step."]
-  lines += ["", "## 7. Shared trunk only (`aggregate_shared`) vs the whole model", "",
-            "| width | T | whole model ms | shared only ms | ratio |", "|---|---|---|---|---|"]
-  lines += [f"| {r['width']} | {r['T']} | {r['whole_model_ms']:.2f} | {r['shared_only_ms']:.2f} | {r['ratio']:.2f} |"
-            for r in results["shared_partition"]]
+  lines += [
+    "",
+    "## 6. End-to-end step (Flax NNX, 2-layer trunk, T heads)",
+    "",
+    f"width {e['width']}, T={e['T']}, batch {e['batch']}: value_and_task_grads + gradops "
+    f"{e['gradops_step_ms']:.2f} ms vs summed loss + adam {e['summed_adam_step_ms']:.2f} ms "
+    f"(ratio {e['step_ratio']:.2f}); per-task backward alone {e['task_backward_ms']:.2f} ms, "
+    f"so aggregation + Adam is {100 * e['aggregation_share']:.0f}% of the step.",
+  ]
+  lines += [
+    "",
+    "## 7. Shared trunk only (`aggregate_shared`) vs the whole model",
+    "",
+    "| width | T | whole model ms | shared only ms | ratio |",
+    "|---|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r['width']} | {r['T']} | {r['whole_model_ms']:.2f} | {r['shared_only_ms']:.2f} | {r['ratio']:.2f} |"
+    for r in results["shared_partition"]
+  ]
   g = results["task_gradients"]
-  lines += ["", f"## 8. Per-task gradients (trunk + towers model, width {g['width']}, T={g['T']}, batch {g['batch']})", "",
-            "| gradients | ms | whole step (+ GradOPS + Adam) ms |", "|---|---|---|",
-            f"| mapped VJP (`value_and_task_grads`) | {g['mapped_vjp_ms']:.2f} | {g['step_mapped_vjp_ms']:.2f} |",
-            f"| vmapped VJP | {g['vmapped_vjp_ms']:.2f} | {g['step_vmapped_vjp_ms']:.2f} |",
-            f"| `jax.jacrev` | {g['jacrev_ms']:.2f} | |",
-            f"| T separate `jax.grad` | {g['separate_grads_ms']:.2f} | |"]
-  lines += ["", "## 9. Bounds: where the time goes (one leaf)", "",
-            "Times in ms, each with the cores it keeps busy (process CPU time / wall time). "
-            "*two reads*: one number per task from a full read, then the weighted sum, in XLA: the least "
-            "any method that must see every gradient before combining them can do once the "
-            "gradients do not fit in cache, when its output is faulted in 4 KiB at a time as XLA's is. "
-            "*combine*: our combine pass alone (the CPU kernel where it is built, which asks for huge "
-            "pages for its output). *Gram f64*: our Gram pass alone (the CPU kernel where "
-            "it is built). *Gram f64, XLA*: the same pass in XLA, as GPU and TPU run it. *Gram f32*: the "
-            "fastest Gram pass we found XLA:CPU to compile (float32 block products, not used).", "",
-            "| T | D | floor | two reads | combine | Gram f64 | Gram f64, XLA | Gram f32 | GradOPS | torchjd PCGrad | two reads / torchjd PCGrad |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines += [
+    "",
+    f"## 8. Per-task gradients (trunk + towers model, width {g['width']}, T={g['T']}, batch {g['batch']})",
+    "",
+    "| gradients | ms | whole step (+ GradOPS + Adam) ms |",
+    "|---|---|---|",
+    f"| mapped VJP (`value_and_task_grads`) | {g['mapped_vjp_ms']:.2f} | {g['step_mapped_vjp_ms']:.2f} |",
+    f"| vmapped VJP | {g['vmapped_vjp_ms']:.2f} | {g['step_vmapped_vjp_ms']:.2f} |",
+    f"| `jax.jacrev` | {g['jacrev_ms']:.2f} | |",
+    f"| T separate `jax.grad` | {g['separate_grads_ms']:.2f} | |",
+  ]
+  lines += [
+    "",
+    "## 9. Bounds: where the time goes (one leaf)",
+    "",
+    "Times in ms, each with the cores it keeps busy (process CPU time / wall time). "
+    "*two reads*: one number per task from a full read, then the weighted sum, in XLA: the least "
+    "any method that must see every gradient before combining them can do once the "
+    "gradients do not fit in cache, when its output is faulted in 4 KiB at a time as XLA's is. "
+    "*combine*: our combine pass alone (the CPU kernel where it is built, which asks for huge "
+    "pages for its output). *Gram f64*: our Gram pass alone (the CPU kernel where "
+    "it is built). *Gram f64, XLA*: the same pass in XLA, as GPU and TPU run it. *Gram f32*: the "
+    "fastest Gram pass we found XLA:CPU to compile (float32 block products, not used).",
+    "",
+    "| T | D | floor | two reads | combine | Gram f64 | Gram f64, XLA | Gram f32 | GradOPS | torchjd PCGrad | two reads / torchjd PCGrad |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in results["bounds"]:
     keys = ("floor", "two_pass", "combine", "gram64", "gram64_xla", "gram32", "gradops")
     cells = [f"{r[f'{k}_ms']:.2f} ({r[f'{k}_cores']:.1f})" for k in keys]
@@ -564,6 +683,7 @@ def markdown(results):
 def plots(results, directory):
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -590,15 +710,48 @@ def plots(results, directory):
 
 
 MODES = {
-    "tiny": dict(floor_sizes=[1e4], floor_tasks=[2], method_size=1e4, method_tasks=[2],
-                 scale_sizes=[1e3, 1e4], scale_tasks=[2, 4], fixed_size=1e4, memory_size=1e4,
-                 compile_leaves=10, compile_steps=5, width=32, repeats=2),
-    "quick": dict(floor_sizes=[1e6], floor_tasks=[2, 3, 4, 8], method_size=1e6, method_tasks=[3, 8],
-                  scale_sizes=[1e4, 1e5, 1e6, 1e7], scale_tasks=[2, 4, 8, 16, 32, 64], fixed_size=1e5,
-                  memory_size=1e6, compile_leaves=100, compile_steps=100, width=1024, repeats=5),
-    "full": dict(floor_sizes=[1e6, 1e7], floor_tasks=[2, 3, 4, 8], method_size=1e7, method_tasks=[3, 8],
-                 scale_sizes=[1e4, 1e5, 1e6, 1e7], scale_tasks=[2, 4, 8, 16, 32, 64], fixed_size=1e6,
-                 memory_size=1e7, compile_leaves=100, compile_steps=100, width=1024, repeats=7),
+  "tiny": dict(
+    floor_sizes=[1e4],
+    floor_tasks=[2],
+    method_size=1e4,
+    method_tasks=[2],
+    scale_sizes=[1e3, 1e4],
+    scale_tasks=[2, 4],
+    fixed_size=1e4,
+    memory_size=1e4,
+    compile_leaves=10,
+    compile_steps=5,
+    width=32,
+    repeats=2,
+  ),
+  "quick": dict(
+    floor_sizes=[1e6],
+    floor_tasks=[2, 3, 4, 8],
+    method_size=1e6,
+    method_tasks=[3, 8],
+    scale_sizes=[1e4, 1e5, 1e6, 1e7],
+    scale_tasks=[2, 4, 8, 16, 32, 64],
+    fixed_size=1e5,
+    memory_size=1e6,
+    compile_leaves=100,
+    compile_steps=100,
+    width=1024,
+    repeats=5,
+  ),
+  "full": dict(
+    floor_sizes=[1e6, 1e7],
+    floor_tasks=[2, 3, 4, 8],
+    method_size=1e7,
+    method_tasks=[3, 8],
+    scale_sizes=[1e4, 1e5, 1e6, 1e7],
+    scale_tasks=[2, 4, 8, 16, 32, 64],
+    fixed_size=1e6,
+    memory_size=1e7,
+    compile_leaves=100,
+    compile_steps=100,
+    width=1024,
+    repeats=7,
+  ),
 }
 
 
@@ -608,8 +761,11 @@ def main(argv=None):
   for mode in MODES:
     group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode)
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-  parser.add_argument("--keep-freed-memory", action="store_true",
-                      help="glibc malloc keeps freed memory, for XLA and torch alike (see keep_freed_memory)")
+  parser.add_argument(
+    "--keep-freed-memory",
+    action="store_true",
+    help="glibc malloc keeps freed memory, for XLA and torch alike (see keep_freed_memory)",
+  )
   args = parser.parse_args(argv)
   mode = args.mode or "quick"
   m = MODES[mode]
@@ -617,14 +773,18 @@ def main(argv=None):
   if args.keep_freed_memory:
     settings.append("glibc keeps freed memory (mallopt)" if keep_freed_memory() else "mallopt refused")
   malloc = "; ".join(settings) or "system default"
-  results = {"mode": mode,
-             "machine": f"{platform.machine()} ({cpu_model()}), {jax.devices()[0].device_kind}, "
-                        f"{len(os.sched_getaffinity(0))} cores, jax {jax.__version__}",
-             "cpu_kernels": gradops_jax.kernels_available(), "malloc": malloc}
+  results = {
+    "mode": mode,
+    "machine": f"{platform.machine()} ({cpu_model()}), {jax.devices()[0].device_kind}, "
+    f"{len(os.sched_getaffinity(0))} cores, jax {jax.__version__}",
+    "cpu_kernels": gradops_jax.kernels_available(),
+    "malloc": malloc,
+  }
   results["floor"] = bench_floor(m["floor_sizes"], m["floor_tasks"], m["repeats"])
   results["methods"] = bench_methods_and_peers(m["method_size"], m["method_tasks"], m["repeats"])
   results["scaling_D"], results["scaling_T"] = bench_scaling(
-      m["scale_sizes"], m["scale_tasks"], m["fixed_size"], 3, m["repeats"])
+    m["scale_sizes"], m["scale_tasks"], m["fixed_size"], 3, m["repeats"]
+  )
   results["memory"] = bench_memory(m["memory_size"], [2, 3, 8])
   results["compile"] = bench_compile(m["compile_leaves"], m["compile_steps"])
   results["end_to_end"] = bench_end_to_end(m["width"], 3, 256, m["repeats"])

@@ -26,7 +26,6 @@ NUM_TASKS = 3
 
 
 class ThreeHeads(nnx.Module):
-
   def __init__(self, rngs):
     self.trunk1 = nnx.Linear(8, 64, rngs=rngs)
     self.trunk2 = nnx.Linear(64, 64, rngs=rngs)
@@ -66,11 +65,13 @@ class DiagnosticsLog:
     self.fallbacks = int(np.asarray(optax.tree.get(opt_state, "fallback_count")))
 
   def arrays(self):
-    return {name: np.stack(getattr(self, name))
-            for name in ("losses", "weights", "projected", "cosine")} | {"steps": np.asarray(self.steps)}
+    return {name: np.stack(getattr(self, name)) for name in ("losses", "weights", "projected", "cosine")} | {
+      "steps": np.asarray(self.steps)
+    }
 
   def plot(self, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -81,8 +82,13 @@ class DiagnosticsLog:
       axes[1].plot(data["steps"], data["weights"][:, task], label=f"task {task + 1}")
     axes[0].set_ylabel("task loss")
     axes[1].set_ylabel("GradOPS weight $w_i$")
-    axes[2].imshow(data["projected"].T, aspect="auto", interpolation="nearest", cmap="Greys",
-                   extent=(data["steps"][0], data["steps"][-1], data["projected"].shape[1] + 0.5, 0.5))
+    axes[2].imshow(
+      data["projected"].T,
+      aspect="auto",
+      interpolation="nearest",
+      cmap="Greys",
+      extent=(data["steps"][0], data["steps"][-1], data["projected"].shape[1] + 0.5, 0.5),
+    )
     axes[2].set_ylabel("projected (black)")
     axes[2].set_yticks(range(1, data["projected"].shape[1] + 1))
     for i, j in zip(*np.triu_indices(data["cosine"].shape[1], k=1)):
@@ -102,8 +108,8 @@ def main(steps=400, alpha=-1.0, out=None, seed=0):
   model = ThreeHeads(nnx.Rngs(seed))
   shared = lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: is_shared(path), tree)
   tx = optax.chain(
-      gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(NUM_TASKS, alpha=alpha), NUM_TASKS, shared),
-      optax.adam(3e-3),
+    gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(NUM_TASKS, alpha=alpha), NUM_TASKS, shared),
+    optax.adam(3e-3),
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x, y = make_data(jax.random.key(seed + 1))
@@ -123,8 +129,10 @@ def main(steps=400, alpha=-1.0, out=None, seed=0):
     log(step, losses, optimizer.opt_state)
   data = log.arrays()
   print(f"task losses: first {np.round(data['losses'][0], 4)}, last {np.round(data['losses'][-1], 4)}")
-  print(f"steps with a projection: {int(data['projected'].any(axis=1).sum())}/{steps}; "
-        f"MGDA fallbacks: {log.fallbacks}; last weights: {np.round(data['weights'][-1], 3)}")
+  print(
+    f"steps with a projection: {int(data['projected'].any(axis=1).sum())}/{steps}; "
+    f"MGDA fallbacks: {log.fallbacks}; last weights: {np.round(data['weights'][-1], 3)}"
+  )
   if out is not None:
     log.plot(out)
     print(f"wrote {out}")

@@ -14,7 +14,6 @@ import gradops_jax
 
 
 class TwoHeads(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.trunk = nnx.Linear(8, 32, rngs=rngs)
     self.heads = nnx.List([nnx.Linear(32, 1, rngs=rngs) for _ in range(2)])

@@ -55,8 +55,11 @@ def pcgrad(gram: jax.Array, order: jax.Array) -> jax.Array:
 
 
 def gradvac(
-    gram: jax.Array, order: jax.Array, targets: jax.Array, beta: float = 1e-2,
-    zero_rtol: Optional[float] = None,
+  gram: jax.Array,
+  order: jax.Array,
+  targets: jax.Array,
+  beta: float = 1e-2,
+  zero_rtol: Optional[float] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """GradVac's β and new cosine targets for a given order (:func:`gradops_jax.scale_by_gradvac`)."""
   if zero_rtol is None:
@@ -70,8 +73,11 @@ def imtl_g(gram: jax.Array) -> jax.Array:
 
 
 def cagrad(
-    gram: jax.Array, c: float = 0.5, rescale: bool = True, tol: float = 1e-10,
-    max_iters: int = 5000,
+  gram: jax.Array,
+  c: float = 0.5,
+  rescale: bool = True,
+  tol: float = 1e-10,
+  max_iters: int = 5000,
 ) -> jax.Array:
   """CAGrad's β (:func:`gradops_jax.scale_by_cagrad`)."""
   zero_rtol = tolerances.gram_rank_rtol(gram.shape[0])
@@ -79,8 +85,11 @@ def cagrad(
 
 
 def conicgrad(
-    gram: jax.Array, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000,
-    zero_rtol: Optional[float] = None,
+  gram: jax.Array,
+  c: float = 0.5,
+  tol: float = 1e-10,
+  max_iters: int = 5000,
+  zero_rtol: Optional[float] = None,
 ) -> jax.Array:
   """ConicGrad's β (:func:`gradops_jax.scale_by_conicgrad`)."""
   if zero_rtol is None:
@@ -106,6 +115,15 @@ def mean(gram: jax.Array) -> jax.Array:
 
 
 __all__ = (
-    "aligned_mtl", "cagrad", "conicgrad", "gradops", "gradvac", "imtl_g", "mean", "mgda",
-    "nash_mtl", "pcgrad", "upgrad",
+  "aligned_mtl",
+  "cagrad",
+  "conicgrad",
+  "gradops",
+  "gradvac",
+  "imtl_g",
+  "mean",
+  "mgda",
+  "nash_mtl",
+  "pcgrad",
+  "upgrad",
 )

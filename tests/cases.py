@@ -93,9 +93,9 @@ def split_into_pytree(matrix: np.ndarray) -> dict:
     leaves.append(matrix[:, start : start + size].reshape((num_tasks, *shape)))
     start += size
   tree = {
-      "dense": {"kernel": leaves[0], "bias": leaves[1]},
-      "scalar": leaves[2],
-      "cube": leaves[3],
-      "rest": matrix[:, start:],
+    "dense": {"kernel": leaves[0], "bias": leaves[1]},
+    "scalar": leaves[2],
+    "cube": leaves[3],
+    "rest": matrix[:, start:],
   }
   return tree

@@ -4,21 +4,46 @@
   ``pyproject.toml``).
 * x64 stays off: float64 is exercised separately, inside
   ``jax.enable_x64(True)`` blocks of the tests that need it.
-* Hypothesis profiles: ``ci`` (the default; 300 examples per property,
-  derandomised so that CI is reproducible) and ``thorough`` (10,000 examples
-  per property, random): ``pytest --hypothesis-profile=thorough`` or
-  ``HYPOTHESIS_PROFILE=thorough``.
+* Compiled programs are cached on disk for the run (``GRADOPS_JAX_TEST_CACHE``,
+  default a directory under the system's temporary directory): many tests
+  compile the same update, and xdist workers share the cache.
+* Hypothesis profiles (``HYPOTHESIS_PROFILE`` or ``--hypothesis-profile``):
+  ``ci`` (the default: 50 examples per property, derandomised, plus every
+  stored regression example), ``full`` (300, derandomised: the pre-release
+  run) and ``thorough`` (10,000, random).
+* ``-m slow`` selects the long runs (10,000-step stress, benchmark smoke run);
+  the default run skips them: ``pytest -m slow tests`` runs them alone.
 """
 
 import os
+import tempfile
 
 import jax
 from hypothesis import HealthCheck
 from hypothesis import settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update(
+  "jax_compilation_cache_dir",
+  os.environ.get("GRADOPS_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "gradops_jax_test_xla_cache")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=300, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("ci", max_examples=50, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("full", max_examples=300, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("thorough", max_examples=10_000, print_blob=True, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skips ``slow`` tests unless they are selected with ``-m``."""
+  import pytest
+
+  if config.getoption("-m"):
+    return
+  skip = pytest.mark.skip(reason="long run: select it with `pytest -m slow`")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

@@ -31,11 +31,11 @@ import gradops_jax  # noqa: E402
 NUM_TASKS = 3
 SHAPES = {"embed": (96, 64), "kernel": (64, 256), "conv": (3, 3, 16, 32), "bias": (256,), "big": (40000,)}
 METHODS = {
-    "gradops": lambda: gradops_jax.scale_by_gradops(NUM_TASKS, alpha=-1.0),
-    "pcgrad": lambda: gradops_jax.scale_by_pcgrad(NUM_TASKS),
-    "mgda": lambda: gradops_jax.scale_by_mgda(NUM_TASKS),
-    "upgrad": lambda: gradops_jax.scale_by_upgrad(NUM_TASKS),
-    "linear_scalarization": lambda: gradops_jax.scale_by_linear_scalarization(NUM_TASKS),
+  "gradops": lambda: gradops_jax.scale_by_gradops(NUM_TASKS, alpha=-1.0),
+  "pcgrad": lambda: gradops_jax.scale_by_pcgrad(NUM_TASKS),
+  "mgda": lambda: gradops_jax.scale_by_mgda(NUM_TASKS),
+  "upgrad": lambda: gradops_jax.scale_by_upgrad(NUM_TASKS),
+  "linear_scalarization": lambda: gradops_jax.scale_by_linear_scalarization(NUM_TASKS),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
@@ -88,14 +88,13 @@ def parameter_sharded(mesh, name):
     hlo = update.lower(sharded).compile().as_text()
     out = update(sharded)
   return {
-      "collectives": collectives(hlo),
-      "gradient_bytes": int(sum(g.size * g.dtype.itemsize for g in grads.values())),
-      "max_abs_diff": float(max(jnp.max(jnp.abs(out[k] - single[k])) for k in out)),
-      "max_abs_update": float(max(jnp.max(jnp.abs(single[k])) for k in single)),
-      "output_sharded_like_params": all(
-          padded(out[k].sharding.spec, len(SHAPES[k])) == tuple(largest_axis_spec(SHAPES[k]))[1:]
-          for k in out
-      ),
+    "collectives": collectives(hlo),
+    "gradient_bytes": int(sum(g.size * g.dtype.itemsize for g in grads.values())),
+    "max_abs_diff": float(max(jnp.max(jnp.abs(out[k] - single[k])) for k in out)),
+    "max_abs_update": float(max(jnp.max(jnp.abs(single[k])) for k in single)),
+    "output_sharded_like_params": all(
+      padded(out[k].sharding.spec, len(SHAPES[k])) == tuple(largest_axis_spec(SHAPES[k]))[1:] for k in out
+    ),
   }
 
 
@@ -104,9 +103,9 @@ def data_parallel(mesh):
   width, batch = 64, 64
   keys = jax.random.split(jax.random.key(1), 5)
   params = {
-      "w1": jax.random.normal(keys[0], (16, width)) / 4,
-      "w2": jax.random.normal(keys[1], (width, width)) / 8,
-      "heads": jax.random.normal(keys[2], (width, NUM_TASKS)) / 8,
+    "w1": jax.random.normal(keys[0], (16, width)) / 4,
+    "w2": jax.random.normal(keys[1], (width, width)) / 8,
+    "heads": jax.random.normal(keys[2], (width, NUM_TASKS)) / 8,
   }
   x = jax.random.normal(keys[3], (batch, 16))
   y = jax.random.normal(keys[4], (batch, NUM_TASKS))
@@ -130,16 +129,14 @@ def data_parallel(mesh):
     compiled = jax.jit(step).lower(replicated, xs, ys).compile()
     out = jax.jit(step)(replicated, xs, ys)
     grads_shape = jax.eval_shape(lambda p: jax.tree.map(lambda v: jnp.zeros((NUM_TASKS, *v.shape)), p), params)
-    replicated_grads = jax.tree.map(
-        lambda s: jax.device_put(jnp.ones(s.shape), NamedSharding(mesh, P())), grads_shape)
+    replicated_grads = jax.tree.map(lambda s: jax.device_put(jnp.ones(s.shape), NamedSharding(mesh, P())), grads_shape)
     aggregator_hlo = jax.jit(lambda g: tx.update(g, state, params)[0]).lower(replicated_grads).compile().as_text()
-  relative = max(
-      float(jnp.max(jnp.abs(out[k] - single[k])) / jnp.max(jnp.abs(single[k]))) for k in out)
+  relative = max(float(jnp.max(jnp.abs(out[k] - single[k])) / jnp.max(jnp.abs(single[k]))) for k in out)
   return {
-      "step_collectives": collectives(compiled.as_text()),
-      "aggregator_collectives": collectives(aggregator_hlo),
-      "task_gradient_bytes": int(sum(NUM_TASKS * v.size * 4 for v in params.values())),
-      "max_relative_diff": relative,
+    "step_collectives": collectives(compiled.as_text()),
+    "aggregator_collectives": collectives(aggregator_hlo),
+    "task_gradient_bytes": int(sum(NUM_TASKS * v.size * 4 for v in params.values())),
+    "max_relative_diff": relative,
   }
 
 

@@ -98,9 +98,7 @@ def residual_size(others: np.ndarray, vector: np.ndarray, rank_rtol: float) -> f
   return float(np.linalg.norm(vector) + np.sum(np.abs(unit_coefficients)))
 
 
-def gradops_reference(
-    grads: np.ndarray, alpha: float, rank_rtol: float
-) -> tuple[np.ndarray, dict]:
+def gradops_reference(grads: np.ndarray, alpha: float, rank_rtol: float) -> tuple[np.ndarray, dict]:
   """Algorithm 1 of GradOPS (Zhu et al., WSDM 2025), literally, in float64.
 
   Args:
@@ -135,9 +133,7 @@ def gradops_reference(
     info.update(weights=w, used_fallback=True)
     return w @ g, info
   total = projected_grads.sum(axis=0)  # G' (line 12)
-  scores = np.array([
-      total @ g[i] / norms[i] if norms[i] > 0 else 0.0 for i in range(num_tasks)
-  ])  # Eq. 3
+  scores = np.array([total @ g[i] / norms[i] if norms[i] > 0 else 0.0 for i in range(num_tasks)])  # Eq. 3
   scores[scores <= rank_rtol * scores.max()] = 0.0
   r = scores / scores.mean()  # Eq. 4
   if alpha == 0:
@@ -237,9 +233,13 @@ def gradvac_reference(grads, order, targets, beta, zero_rtol):
       phi = np.clip(gi @ g[j] / (np.linalg.norm(gi) * np.linalg.norm(g[j])), -1, 1)
       target = targets[i, j]
       if phi < target and abs(target) < 1:
-        gi = gi + np.linalg.norm(gi) * (
-            target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2)
-        ) / (np.linalg.norm(g[j]) * np.sqrt(1 - target**2)) * g[j]
+        gi = (
+          gi
+          + np.linalg.norm(gi)
+          * (target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2))
+          / (np.linalg.norm(g[j]) * np.sqrt(1 - target**2))
+          * g[j]
+        )
       targets[i, j] = (1 - beta) * target + beta * phi
     out.append(gi)
   return np.sum(out, axis=0), targets
@@ -261,9 +261,12 @@ def cagrad_reference(grads: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarra
     return x @ gram @ b + radius * np.sqrt(max(x @ gram @ x, 0.0))
 
   result = minimize(
-      objective, b, bounds=[(0, 1)] * num_tasks,
-      constraints=({"type": "eq", "fun": lambda x: 1 - np.sum(x)},),
-      method="SLSQP", options={"ftol": 1e-14, "maxiter": 1000},
+    objective,
+    b,
+    bounds=[(0, 1)] * num_tasks,
+    constraints=({"type": "eq", "fun": lambda x: 1 - np.sum(x)},),
+    method="SLSQP",
+    options={"ftol": 1e-14, "maxiter": 1000},
   )
   w = result.x
   gw = w @ g

@@ -22,8 +22,8 @@ import numpy as np
 NUM_TASKS = (1, 2, 3, 4, 5, 8, 16, 64)
 # Mixed leaf shapes (D = 40), and one small leaf (D = 6) where most T exceed D.
 STRUCTURES = {
-    "mixed": {"dense": {"kernel": (3, 4), "bias": (4,)}, "scalar": (), "conv": (2, 2, 1, 3), "rest": (11,)},
-    "narrow": {"w": (3, 2)},
+  "mixed": {"dense": {"kernel": (3, 4), "bias": (4,)}, "scalar": (), "conv": (2, 2, 1, 3), "rest": (11,)},
+  "narrow": {"w": (3, 2)},
 }
 DTYPES = ("float32", "bfloat16", "float64")
 # Relative sizes of near-duplicate perturbations: 1e-8 is below every rank
@@ -68,13 +68,13 @@ class TaskGradients:
 def _edit(num_tasks):
   task = st.integers(0, num_tasks - 1)
   return st.one_of(
-      st.tuples(st.just("duplicate"), task, task),
-      st.tuples(st.just("near_duplicate"), task, task, st.sampled_from(NEAR_DUPLICATE_SIZES)),
-      st.tuples(st.just("opposite"), task, task, st.sampled_from((1.0, 0.5, 3.0))),
-      st.tuples(st.just("combination"), task, task, task, st.sampled_from((1.0, -0.5, 2.0))),
-      st.tuples(st.just("zero"), task),
-      st.tuples(st.just("rescale"), task, st.sampled_from((1e10, 1e-10))),
-      st.tuples(st.just("subnormal"), task),
+    st.tuples(st.just("duplicate"), task, task),
+    st.tuples(st.just("near_duplicate"), task, task, st.sampled_from(NEAR_DUPLICATE_SIZES)),
+    st.tuples(st.just("opposite"), task, task, st.sampled_from((1.0, 0.5, 3.0))),
+    st.tuples(st.just("combination"), task, task, task, st.sampled_from((1.0, -0.5, 2.0))),
+    st.tuples(st.just("zero"), task),
+    st.tuples(st.just("rescale"), task, st.sampled_from((1e10, 1e-10))),
+    st.tuples(st.just("subnormal"), task),
   )
 
 

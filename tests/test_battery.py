@@ -8,13 +8,22 @@ import pytest
 
 import gradops_jax
 from tests import cases as cases_lib
-from tests.transforms import METHODS
+from tests.registry import METHODS
 
 CASES = cases_lib.hard_cases()
 BATTERY_CASES = [
-    "random_T5", "conflicting_T8", "zero_task", "all_zero", "exactly_opposite_plus_others",
-    "mixed_scales_1e-20_1e20", "huge_1e20", "tiny_1e-20", "more_tasks_than_dims",
-    "duplicated", "rank_deficient_sum", "random_T1",
+  "random_T5",
+  "conflicting_T8",
+  "zero_task",
+  "all_zero",
+  "exactly_opposite_plus_others",
+  "mixed_scales_1e-20_1e20",
+  "huge_1e20",
+  "tiny_1e-20",
+  "more_tasks_than_dims",
+  "duplicated",
+  "rank_deficient_sum",
+  "random_T1",
 ]
 
 
@@ -145,9 +154,7 @@ def test_non_finite_input_is_flagged_and_apply_if_finite_skips_the_step(method):
     tx = METHODS[method][0](3)
     updates, _ = jax.jit(tx.update)({"w": jnp.asarray(broken)}, tx.init(params), params)
     assert not np.all(np.isfinite(np.asarray(updates["w"])))
-    guarded = optax.chain(
-        METHODS[method][0](3), optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=3)
-    )
+    guarded = optax.chain(METHODS[method][0](3), optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=3))
     state = guarded.init(params)
     updates, state = jax.jit(guarded.update)({"w": jnp.asarray(broken)}, state, params)
     np.testing.assert_array_equal(updates["w"], np.zeros(8))

@@ -3,9 +3,12 @@
 import json
 import platform
 
+import pytest
+
 from benchmarks import run
 
 
+@pytest.mark.slow
 def test_benchmark_entry_point_tiny(tmp_path, capsys):
   results = run.main(["--tiny", "--out", str(tmp_path), "--keep-freed-memory"])
   out = capsys.readouterr().out

@@ -89,10 +89,37 @@ def test_load_reads_the_cached_sdist_encodes_and_caches(tmp_path):
   assert train.features.shape[0] == 300 and validation.features.shape[0] == test.features.shape[0] == 50
   assert train.features.shape[1] == validation.features.shape[1]
   np.testing.assert_allclose(train.features[:, : len(data.CONTINUOUS)].mean(axis=0), 0.0, atol=1e-5)
-  assert set(np.unique(train.features[:, len(data.CONTINUOUS):])) <= {0.0, 1.0}
-  assert (tmp_path / "encoded_seed0.npz").exists()
+  assert set(np.unique(train.features[:, len(data.CONTINUOUS) :])) <= {0.0, 1.0}
+  assert (tmp_path / data.encoded_cache_name(0)).exists()
   again = data.load(tmp_path, seed=0)
   np.testing.assert_array_equal(again[2].features, test.features)
+
+
+def test_weeks_worked_is_standardised_and_veterans_benefits_one_hot():
+  """census-income.names: column 38 is veterans' benefits (codes 0, 1, 2), 39 weeks worked (0-52)."""
+  rows = data.parse_rows(_lines(_rows(40, 5)), "train")
+  for index, row in enumerate(rows):
+    row[38], row[39] = str(index % 3), str(index % 53)
+  encoder = data.Encoder(rows)
+  assert 39 in data.CONTINUOUS and 38 not in data.CONTINUOUS
+  assert sorted(encoder.index[38]) == ["0", "1", "2"]
+  assert 39 not in encoder.index
+  weeks = encoder(rows)[:, data.CONTINUOUS.index(39)]
+  np.testing.assert_allclose(weeks.mean(), 0.0, atol=1e-5)
+
+
+def test_encoded_cache_name_names_the_feature_set(monkeypatch):
+  before = data.encoded_cache_name(0)
+  assert before != data.encoded_cache_name(1)
+  monkeypatch.setattr(data, "CONTINUOUS", data.CONTINUOUS[:-1] + (38,))
+  assert data.encoded_cache_name(0) != before
+
+
+def test_every_method_picks_one_epoch_by_the_average_validation_auc():
+  """The single-task baseline stacks its per-task runs and picks one epoch, like the others."""
+  valid = np.array([[0.9, 0.5], [0.6, 0.9], [0.7, 0.7]])  # task 0 peaks at epoch 0, task 1 at 1, mean at 1
+  held_out = np.arange(6.0).reshape(3, 2)
+  assert _load("train").at_best_epoch(valid, held_out) == [2.0, 3.0]
 
 
 def test_unseen_categories_encode_as_zeros():
@@ -118,9 +145,12 @@ def test_missing_member_is_a_clear_error(tmp_path):
 def test_training_script_runs_and_summarises(tmp_path):
   train_module = _load("train")
   splits = data.split_from_rows(
-      data.parse_rows(_lines(_rows(2048, 5)), "train"), data.parse_rows(_lines(_rows(400, 6)), "test"))
-  results = {name: [train_module.run_method(name, splits, epochs=2, seed=seed) for seed in range(2)]
-             for name in ("Single-task", "Uniform scaling", "GradOPS(a=-3)")}
+    data.parse_rows(_lines(_rows(2048, 5)), "train"), data.parse_rows(_lines(_rows(400, 6)), "test")
+  )
+  results = {
+    name: [train_module.run_method(name, splits, epochs=2, seed=seed) for seed in range(2)]
+    for name in ("Single-task", "Uniform scaling", "GradOPS(a=-3)")
+  }
   for scores in results.values():
     assert np.all((np.asarray(scores) >= 0) & (np.asarray(scores) <= 1))
   rows = train_module.summarise(results)
@@ -145,7 +175,8 @@ def test_auc_matches_the_pairwise_definition():
 def test_alpha_sweep_and_weight_traces(tmp_path):
   train_module = _load("train")
   splits = data.split_from_rows(
-      data.parse_rows(_lines(_rows(2048, 8)), "train"), data.parse_rows(_lines(_rows(400, 9)), "test"))
+    data.parse_rows(_lines(_rows(2048, 8)), "train"), data.parse_rows(_lines(_rows(400, 9)), "test")
+  )
   alphas, gains = train_module.alpha_sweep(splits, [-1.0, 0.0, 1.0], epochs=1, seeds=1)
   assert gains.shape == (3, 4) and np.all(np.isfinite(gains))
   np.testing.assert_allclose(gains[:, 3], gains[:, :3].mean(axis=1))
@@ -162,13 +193,18 @@ def test_alpha_sweep_and_weight_traces(tmp_path):
 def test_recon_procedure_runs_and_reports(tmp_path):
   recon_module = _load("recon")
   splits = data.split_from_rows(
-      data.parse_rows(_lines(_rows(2048, 10)), "train"), data.parse_rows(_lines(_rows(400, 11)), "test"))
-  args = recon_module.parser().parse_args(["--epochs", "1", "--warmup-epochs", "1", "--seeds", "2",
-                                           "--out", str(tmp_path / "RECON.md")])
+    data.parse_rows(_lines(_rows(2048, 10)), "train"), data.parse_rows(_lines(_rows(400, 11)), "test")
+  )
+  args = recon_module.parser().parse_args(
+    ["--epochs", "1", "--warmup-epochs", "1", "--seeds", "2", "--out", str(tmp_path / "RECON.md")]
+  )
   runs = recon_module.main(args, splits)
   for run in runs:
     assert run["selected"] == [run["scores"][0][0]] and run["selected"][0] in ("trunk1", "trunk2")
-    assert run["added"] == 2 * {"trunk1": (run["num_params"] - 192 * 192 - 192 - 3 * 193) , "trunk2": 192 * 192 + 192}[run["selected"][0]]
+    assert (
+      run["added"]
+      == 2 * {"trunk1": (run["num_params"] - 192 * 192 - 192 - 3 * 193), "trunk2": 192 * 192 + 192}[run["selected"][0]]
+    )
     for method in ("GradOPS", "GradOPS + Recon"):
       assert np.all((np.asarray(run["auc"][method]) >= 0) & (np.asarray(run["auc"][method]) <= 1))
     # The branched layer is no longer scored; the other trunk layer still is.

@@ -1,4 +1,4 @@
-"""The CPU kernels (gradops_jax/csrc/cpu_kernels.cc) against float64 NumPy: the Gram matrix and the combine."""
+"""The CPU kernels (gradops_jax/_src/csrc/) against float64 NumPy: the Gram matrix and the combine."""
 
 import logging
 import shutil
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gradops_jax
+
 # White-box: the factor split that the kernel and XLA share, and the build itself.
 from gradops_jax._src import kernels as cpu_kernels
 from gradops_jax._src.passes import _split_into_two_factors
@@ -132,16 +133,14 @@ def test_kernel_under_vmap_and_grad_matches_xla():
 
 
 @pytest.mark.parametrize(
-    "environment, expected_log",
-    [
-        ({"GRADOPS_JAX_CPU_KERNEL": "0"}, None),
-        ({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
-        ({"CXX": "false"}, "building the CPU kernels failed"),
-    ],
+  "environment, expected_log",
+  [
+    ({"GRADOPS_JAX_CPU_KERNEL": "0"}, None),
+    ({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
+    ({"CXX": "false"}, "building the CPU kernels failed"),
+  ],
 )
-def test_without_the_kernels_both_passes_stay_in_xla(
-    monkeypatch, caplog, tmp_path, environment, expected_log
-):
+def test_without_the_kernels_both_passes_stay_in_xla(monkeypatch, caplog, tmp_path, environment, expected_log):
   monkeypatch.setenv("GRADOPS_JAX_CACHE_DIR", str(tmp_path))
   for name, value in environment.items():
     monkeypatch.setenv(name, value)
@@ -168,13 +167,13 @@ def _sequential_combination(rows, coefficients):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
-    "num_tasks, size",
-    [
-        (num_tasks, size)
-        for num_tasks in (1, 2, 3, 5, 8, 13, 64)
-        for size in (0, 1, 7, 1031, 2 * 65536 + 5, 1_100_003)
-        if num_tasks * size <= 20_000_000  # at most 80 MB of input
-    ],
+  "num_tasks, size",
+  [
+    (num_tasks, size)
+    for num_tasks in (1, 2, 3, 5, 8, 13, 64)
+    for size in (0, 1, 7, 1031, 2 * 65536 + 5, 1_100_003)
+    if num_tasks * size <= 20_000_000  # at most 80 MB of input
+  ],
 )
 def test_combine_kernel_is_the_sequential_sum(dtype, num_tasks, size):
   """Bit for bit the literal sum, and within its rounding bound of the float64 one.
@@ -214,9 +213,7 @@ def test_combine_kernel_under_vmap_and_grad_matches_xla():
   weights = jnp.asarray(rng.standard_normal((4, 500)), jnp.float32)
 
   def xla_combine(tree, beta):
-    return jax.tree.map(
-        lambda leaf: gradops_jax.combine({"w": leaf}, beta, implementation="xla")["w"], tree
-    )
+    return jax.tree.map(lambda leaf: gradops_jax.combine({"w": leaf}, beta, implementation="xla")["w"], tree)
 
   def loss(leaf, beta, form):
     return jnp.sum(form({"w": leaf}, beta)["w"] * weights)

@@ -8,9 +8,7 @@ import pytest
 
 import gradops_jax
 
-MODULES = sorted(
-    info.name for info in pkgutil.walk_packages(gradops_jax.__path__, prefix="gradops_jax.")
-)
+MODULES = sorted(info.name for info in pkgutil.walk_packages(gradops_jax.__path__, prefix="gradops_jax."))
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -22,9 +20,10 @@ def test_docstring_examples(name):
 
 def test_every_public_function_has_an_example():
   missing = [
-      name for name in gradops_jax.__all__
-      if callable(getattr(gradops_jax, name))
-      and not isinstance(getattr(gradops_jax, name), type)
-      and ">>>" not in (getattr(gradops_jax, name).__doc__ or "")
+    name
+    for name in gradops_jax.__all__
+    if callable(getattr(gradops_jax, name))
+    and not isinstance(getattr(gradops_jax, name), type)
+    and ">>>" not in (getattr(gradops_jax, name).__doc__ or "")
   ]
   assert not missing, f"public functions without an Example: {missing}"

@@ -9,6 +9,7 @@ import pytest
 
 import gradops_jax
 from gradops_jax import default_rank_rtol
+
 # White-box: the one-inverse fast path against the general per-task path.
 from gradops_jax._src.methods.gradops import _project_all_tasks, _project_one_task
 from tests import cases as cases_lib
@@ -34,8 +35,8 @@ def _flatten_update(tree):
 
 def _flatten_tasks(tree, num_tasks):
   return np.concatenate(
-      [np.asarray(x, np.float64).reshape(num_tasks, -1) for x in jax.tree.leaves(tree)],
-      axis=1,
+    [np.asarray(x, np.float64).reshape(num_tasks, -1) for x in jax.tree.leaves(tree)],
+    axis=1,
   )
 
 
@@ -79,7 +80,8 @@ def test_projected_gradients_do_not_conflict_theorem(name):
   grads = CASES[name].astype(np.float64)
   rank_rtol = default_rank_rtol(grads.shape[0], jnp.float32)  # the data is float32
   with jax.enable_x64(True):
-    solution = gradops_jax.gradops_solve(jnp.asarray(grads @ grads.T), rank_rtol=rank_rtol)
+    solve = jax.jit(lambda gram: gradops_jax.gradops_solve(gram, rank_rtol=rank_rtol))
+    solution = solve(jnp.asarray(grads @ grads.T))
     projection = np.asarray(solution.projection)
   projected = projection @ grads
   inner = projected @ grads.T
@@ -113,9 +115,7 @@ def test_task_permutation_equivariance():
   update, state, _ = _run(matrix, -1.0)
   permuted_update, permuted_state, _ = _run(matrix[permutation], -1.0)
   np.testing.assert_allclose(update, permuted_update, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(
-      np.asarray(state.alpha_weights)[permutation], permuted_state.alpha_weights, rtol=1e-5
-  )
+  np.testing.assert_allclose(np.asarray(state.alpha_weights)[permutation], permuted_state.alpha_weights, rtol=1e-5)
 
 
 @pytest.mark.parametrize("factor", [1e-15, 3.0, 1e15])
@@ -163,7 +163,7 @@ def test_one_inverse_gives_the_per_task_projections_when_well_conditioned(num_ta
     assert jnp.linalg.eigvalsh(active_block)[0] > 1e-3
     rank_rtol = default_rank_rtol(num_tasks, jnp.float32)
     per_task = jax.vmap(_project_one_task, in_axes=(None, None, 0, None))(
-        cosine, active, jnp.arange(num_tasks), rank_rtol
+      cosine, active, jnp.arange(num_tasks), rank_rtol
     )
     one_inverse = _project_all_tasks(cosine, active)
   assert not np.allclose(per_task, np.eye(num_tasks))  # some rows are projections
@@ -231,7 +231,7 @@ def test_gradops_alias_is_gradops_then_adam():
 
 def test_inject_hyperparams_changes_alpha_without_retrace():
   tx = optax.inject_hyperparams(gradops_jax.scale_by_gradops, static_args=("num_tasks",))(
-      num_tasks=3, alpha=jnp.asarray(0.0)
+    num_tasks=3, alpha=jnp.asarray(0.0)
   )
   tree = _to_tree(CASES["conflicting_T3"])
   params = _params_like(tree)

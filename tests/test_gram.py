@@ -33,9 +33,7 @@ def test_float64_gram_is_accurate_where_float32_gram_and_qr_are_not():
   grads = grads32.astype(np.float64)
   with jax.enable_x64(True):
     gram64 = np.asarray(gradops_jax.task_gram({"g": jnp.asarray(grads32)}, 3))
-  gram32 = np.asarray(
-      jnp.matmul(jnp.asarray(grads32), jnp.asarray(grads32).T, precision="highest"), np.float64
-  )
+  gram32 = np.asarray(jnp.matmul(jnp.asarray(grads32), jnp.asarray(grads32).T, precision="highest"), np.float64)
   r_factor = np.asarray(jnp.linalg.qr(jnp.asarray(grads32).T, mode="r"), np.float64)
   error64 = _projection_error(gram64, grads)
   error32 = _projection_error(gram32, grads)
@@ -45,15 +43,15 @@ def test_float64_gram_is_accurate_where_float32_gram_and_qr_are_not():
 
 
 @pytest.mark.parametrize(
-    "shape",
-    [
-        (),  # scalar parameter
-        (7, 5301),  # blocks of whole rows
-        (2, 3, 50, 70),  # blocks of several trailing axes
-        (40000,),  # last axis split into blocks that divide it
-        (30011,),  # prime length: whole blocks and a remainder
-        (2, 30011),
-    ],
+  "shape",
+  [
+    (),  # scalar parameter
+    (7, 5301),  # blocks of whole rows
+    (2, 3, 50, 70),  # blocks of several trailing axes
+    (40000,),  # last axis split into blocks that divide it
+    (30011,),  # prime length: whole blocks and a remainder
+    (2, 30011),
+  ],
 )
 def test_blocked_gram_and_combine_on_every_block_layout(shape):
   """Every form of the Gram pass (CPU kernel, scanned, partitionable) and the combine are exact."""
@@ -67,12 +65,12 @@ def test_blocked_gram_and_combine_on_every_block_layout(shape):
     coefficients = jnp.asarray([0.5, -2.0, 1e-3])
     combined = jax.jit(gradops_jax.combine)(tree, coefficients)
     leaf_grams = [
-        np.asarray(jax.jit(form)(tree["leaf"]))
-        for form in (
-            gradops_jax.leaf_gram,
-            lambda leaf: gradops_jax.leaf_gram(leaf, implementation="scan"),
-            lambda leaf: gradops_jax.leaf_gram(leaf, implementation="blocked"),
-        )
+      np.asarray(jax.jit(form)(tree["leaf"]))
+      for form in (
+        gradops_jax.leaf_gram,
+        lambda leaf: gradops_jax.leaf_gram(leaf, implementation="scan"),
+        lambda leaf: gradops_jax.leaf_gram(leaf, implementation="blocked"),
+      )
     ]
   expected_gram = exact @ exact.T + exact[:, :1] @ exact[:, :1].T
   # float64 summation error of a dot product, bounded by |g_i| |g_j| (Cauchy-Schwarz).
@@ -80,13 +78,14 @@ def test_blocked_gram_and_combine_on_every_block_layout(shape):
   np.testing.assert_array_less(np.abs(gram - expected_gram), 1e-13 * np.outer(norms, norms))
   leaf_norms = np.linalg.norm(exact, axis=1)
   for leaf_gram in leaf_grams:
-    np.testing.assert_array_less(
-        np.abs(leaf_gram - exact @ exact.T), 1e-13 * np.outer(leaf_norms, leaf_norms) + 1e-300)
+    np.testing.assert_array_less(np.abs(leaf_gram - exact @ exact.T), 1e-13 * np.outer(leaf_norms, leaf_norms) + 1e-300)
   expected = np.asarray(coefficients) @ exact
   assert combined["leaf"].shape == shape
   np.testing.assert_allclose(
-      np.asarray(combined["leaf"], np.float64).ravel(), expected, rtol=0,
-      atol=1e-6 * np.abs(expected).max(),
+    np.asarray(combined["leaf"], np.float64).ravel(),
+    expected,
+    rtol=0,
+    atol=1e-6 * np.abs(expected).max(),
   )
 
 

@@ -63,9 +63,7 @@ def test_nnx_task_grads_match_per_task_nnx_grad():
   assert isinstance(grads, nnx.State)
   for task in range(NUM_TASKS):
     expected = nnx.grad(lambda m, task=task: _task_losses(m, x, y)[task])(model)
-    chex.assert_trees_all_close(
-        jax.tree.map(lambda g, task=task: g[task], grads), expected, atol=1e-6
-    )
+    chex.assert_trees_all_close(jax.tree.map(lambda g, task=task: g[task], grads), expected, atol=1e-6)
   chex.assert_shape(grads["trunk"]["kernel"][...], (NUM_TASKS, 6, 16))
 
 
@@ -100,8 +98,8 @@ def test_nnx_optimizer_with_shared_aggregation_moves_each_head_by_its_own_gradie
   x, y = _data()
   before = nnx.clone(nnx.state(model, nnx.Param))
   tx = optax.chain(
-      gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(NUM_TASKS), NUM_TASKS, _shared_mask),
-      optax.sgd(1.0),
+    gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(NUM_TASKS), NUM_TASKS, _shared_mask),
+    optax.sgd(1.0),
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -130,15 +128,18 @@ def test_nnx_optimizer_with_shared_aggregation_moves_each_head_by_its_own_gradie
 def test_aggregate_shared_equals_aggregator_on_shared_leaves_and_sum_elsewhere():
   _, params, grads = _stacked_grads()
   params, grads = nnx.to_pure_dict(params), nnx.to_pure_dict(grads)
-  mask = {"trunk": {"bias": True, "kernel": True},
-          "heads": {i: {"bias": False, "kernel": False} for i in range(NUM_TASKS)}}
+  mask = {
+    "trunk": {"bias": True, "kernel": True},
+    "heads": {i: {"bias": False, "kernel": False} for i in range(NUM_TASKS)},
+  }
   for aggregator in (gradops_jax.scale_by_gradops(NUM_TASKS, alpha=-1.0), gradops_jax.scale_by_mgda(NUM_TASKS)):
     tx = gradops_jax.aggregate_shared(aggregator, NUM_TASKS, mask)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     expected_trunk, _ = aggregator.update(grads["trunk"], aggregator.init(params["trunk"]))
     chex.assert_trees_all_close(updates["trunk"], expected_trunk, rtol=1e-5, atol=1e-7)
     chex.assert_trees_all_close(
-        updates["heads"], jax.tree.map(lambda g: g.sum(0), grads["heads"]), rtol=1e-5, atol=1e-7)
+      updates["heads"], jax.tree.map(lambda g: g.sum(0), grads["heads"]), rtol=1e-5, atol=1e-7
+    )
     chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
@@ -173,10 +174,10 @@ def test_chain_with_clip_by_global_norm_and_decayed_weights():
   params, grads = _toy_problem()
   direction = _direction(grads)
   tx = optax.chain(
-      gradops_jax.scale_by_gradops(NUM_TASKS),
-      optax.clip_by_global_norm(0.1),
-      optax.add_decayed_weights(1e-2),
-      optax.sgd(1.0),
+    gradops_jax.scale_by_gradops(NUM_TASKS),
+    optax.clip_by_global_norm(0.1),
+    optax.add_decayed_weights(1e-2),
+    optax.sgd(1.0),
   )
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   clipped = jax.tree.map(lambda d: d * 0.1 / optax.tree.norm(direction), direction)
@@ -188,8 +189,9 @@ def test_chain_with_clip_by_global_norm_and_decayed_weights():
 def test_adam_with_learning_rate_schedule():
   params, grads = _toy_problem()
   schedule = optax.linear_schedule(1.0, 0.0, transition_steps=4)
-  tx = optax.chain(gradops_jax.scale_by_gradops(NUM_TASKS), optax.scale_by_adam(),
-                   optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(
+    gradops_jax.scale_by_gradops(NUM_TASKS), optax.scale_by_adam(), optax.scale_by_learning_rate(schedule)
+  )
   reference = optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(schedule))
   state, reference_state = tx.init(params), reference.init(params)
   direction = _direction(grads)
@@ -203,8 +205,9 @@ def test_adam_with_learning_rate_schedule():
 
 def test_apply_if_finite_after_the_aggregator_skips_non_finite_steps():
   params, grads = _toy_problem()
-  tx = optax.chain(gradops_jax.scale_by_gradops(NUM_TASKS),
-                   optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=5))
+  tx = optax.chain(
+    gradops_jax.scale_by_gradops(NUM_TASKS), optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=5)
+  )
   state = tx.init(params)
   step = jax.jit(tx.update)
   _, state = step(grads, state, params)
@@ -222,7 +225,8 @@ def test_inject_hyperparams_changes_alpha_without_recompiling():
   params, grads = _toy_problem()
   grads["w"] = grads["w"] * jnp.array([1.0, 1.0, 5.0])[:, None, None]  # unequal task norms
   tx = optax.inject_hyperparams(gradops_jax.scale_by_gradops, static_args=("num_tasks",))(
-      num_tasks=NUM_TASKS, alpha=jnp.asarray(0.0))
+    num_tasks=NUM_TASKS, alpha=jnp.asarray(0.0)
+  )
   step = jax.jit(tx.update)
   state = tx.init(params)
   for alpha in (0.0, 2.0, -2.0):
@@ -274,15 +278,14 @@ def test_aggregator_vmapped_inside_a_scan():
     expected, _ = tx.update(single, tx.init(params), params)
     for step in range(2):
       chex.assert_trees_all_close(
-          jax.tree.map(lambda u, step=step, index=index: u[step, index], updates), expected,
-          rtol=1e-5, atol=1e-7)
+        jax.tree.map(lambda u, step=step, index=index: u[step, index], updates), expected, rtol=1e-5, atol=1e-7
+      )
 
 
 # -- Linen and TrainState -------------------------------------------------------------
 
 
 class LinenMultiHead(linen.Module):
-
   @linen.compact
   def __call__(self, x):
     hidden = linen.relu(linen.Dense(16)(x))
@@ -293,8 +296,7 @@ def test_linen_train_state_apply_gradients():
   x, y = _data()
   model = LinenMultiHead()
   params = model.init(jax.random.key(0), x)["params"]
-  state = train_state.TrainState.create(
-      apply_fn=model.apply, params=params, tx=gradops_jax.gradops(1e-2, NUM_TASKS))
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=gradops_jax.gradops(1e-2, NUM_TASKS))
 
   def task_losses(params, x, y):
     return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2, axis=0)
@@ -322,9 +324,9 @@ def test_orbax_checkpoint_round_trip_resumes_bit_identically(tmp_path, method):
   ocp = pytest.importorskip("orbax.checkpoint")
   params, grads = _toy_problem()
   aggregator = {
-      "gradops": lambda: gradops_jax.scale_by_gradops(NUM_TASKS),
-      "pcgrad": lambda: gradops_jax.scale_by_pcgrad(NUM_TASKS, seed=3),
-      "gradvac": lambda: gradops_jax.scale_by_gradvac(NUM_TASKS, seed=3),
+    "gradops": lambda: gradops_jax.scale_by_gradops(NUM_TASKS),
+    "pcgrad": lambda: gradops_jax.scale_by_pcgrad(NUM_TASKS, seed=3),
+    "gradvac": lambda: gradops_jax.scale_by_gradvac(NUM_TASKS, seed=3),
   }[method]()
   tx = optax.chain(aggregator, optax.adam(1e-2))
   step = jax.jit(tx.update)

@@ -10,9 +10,10 @@ import gradops_jax
 from gradops_jax import default_rank_rtol
 from gradops_jax import weightings
 
-RIDGE = 1e-8  # Nash-MTL's documented ridge (docs/methods/nash_mtl.md)
 from tests import cases as cases_lib
 from tests import reference
+
+RIDGE = 1e-8  # Nash-MTL's documented ridge (docs/methods/nash_mtl.md)
 
 CASES = cases_lib.hard_cases()
 SMALL = sorted(name for name, g in CASES.items() if g.shape[0] <= 8)
@@ -141,11 +142,13 @@ def test_gradvac_matches_reference_over_steps(name):
     key, order_key = jax.random.split(key)
     order = list(np.asarray(jax.random.permutation(order_key, num_tasks)))
     expected, targets = reference.gradvac_reference(
-        step_grads, order, targets, beta, default_rank_rtol(num_tasks, jnp.float32)
+      step_grads, order, targets, beta, default_rank_rtol(num_tasks, jnp.float32)
     )
     _assert_close(
-        np.asarray(update["w"], np.float64), expected, step_grads.astype(np.float64),
-        np.abs(np.asarray(state.weights, np.float64)) + 1.0,
+      np.asarray(update["w"], np.float64),
+      expected,
+      step_grads.astype(np.float64),
+      np.abs(np.asarray(state.weights, np.float64)) + 1.0,
     )
     np.testing.assert_allclose(state.targets, targets, atol=1e-5)
 
@@ -200,13 +203,15 @@ def test_conicgrad_optimality_conditions(name, c):
   # The dual is homogeneous of degree 2 in the gradients: let SLSQP see O(1).
   unit = grads / norms.max()
   dual = norms.max() ** 2 * min(
-      minimize(
-          lambda w: _cone_support(w @ unit, unit.mean(axis=0), c), start,
-          bounds=[(0, 1)] * num_tasks,
-          constraints=({"type": "eq", "fun": lambda w: 1 - np.sum(w)},), method="SLSQP",
-          options={"ftol": 1e-15, "maxiter": 500},
-      ).fun
-      for start in starts
+    minimize(
+      lambda w: _cone_support(w @ unit, unit.mean(axis=0), c),
+      start,
+      bounds=[(0, 1)] * num_tasks,
+      constraints=({"type": "eq", "fun": lambda w: 1 - np.sum(w)},),
+      method="SLSQP",
+      options={"ftol": 1e-15, "maxiter": 500},
+    ).fun
+    for start in starts
   )
   assert primal <= dual + tol  # weak duality
   assert primal >= dual - 1e-4 * norms.max() * max(radius, 1e-300)
@@ -252,9 +257,7 @@ def test_nash_mtl_solves_the_bargaining_equation(name):
   quadratic = gram / frobenius + RIDGE * np.eye(num_tasks)
   # Q alpha cancels when alpha is large (no exact solution without the
   # ridge): its float64 rounding is about eps * alpha_max^2.
-  np.testing.assert_allclose(
-      alpha * (quadratic @ alpha), 1.0, rtol=0, atol=1e-10 + 1e-15 * alpha.max() ** 2
-  )
+  np.testing.assert_allclose(alpha * (quadratic @ alpha), 1.0, rtol=0, atol=1e-10 + 1e-15 * alpha.max() ** 2)
   np.testing.assert_allclose(state.weights, alpha, rtol=1e-6)
   # The update is d = sum_k alpha_k g_k, so g_i . d = (K alpha)_i, which the
   # equation makes ||K||_F (1/alpha_i - ridge alpha_i) > 0 on well-posed

@@ -23,8 +23,13 @@ MOVING = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 def report():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, "-m", "tests.multidevice"], cwd=ROOT, env=env,
-      capture_output=True, text=True, timeout=900, check=False,
+    [sys.executable, "-m", "tests.multidevice"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
   )
   assert result.returncode == 0, result.stderr[-4000:]
   return json.loads(result.stdout.strip().splitlines()[-1])

@@ -49,7 +49,7 @@ from gradops_jax import default_rank_rtol
 from tests import reference
 from tests import regressions
 from tests import strategies
-from tests.transforms import METHODS
+from tests.registry import METHODS
 
 SOLVE_RTOL = 1e-9
 
@@ -120,11 +120,7 @@ def _size(coefficients, grads):
 
 
 def _comparable(example, max_num_tasks):
-  return (
-      example.dtype != "bfloat16"
-      and example.num_tasks <= max_num_tasks
-      and example.within_float32_normal_range()
-  )
+  return example.dtype != "bfloat16" and example.num_tasks <= max_num_tasks and example.within_float32_normal_range()
 
 
 def _gram_resolves_rank_decisions(grads, rank_rtol):
@@ -255,9 +251,10 @@ def test_gradops(method, example):
   projected_dots = projection @ (grads @ grads.T)
   projected_sizes = np.abs(projection) @ norms
   assert np.all(
-      projected_dots
-      >= -2 * np.sqrt(num_tasks) * rank_rtol * np.outer(norms, norms)
-      - _flush_norm(example) * (np.outer(projected_sizes, np.ones(num_tasks)) + np.outer(norms, norms) / np.maximum(norms, 1e-300))
+    projected_dots
+    >= -2 * np.sqrt(num_tasks) * rank_rtol * np.outer(norms, norms)
+    - _flush_norm(example)
+    * (np.outer(projected_sizes, np.ones(num_tasks)) + np.outer(norms, norms) / np.maximum(norms, 1e-300))
   )
   if not _comparable(example, max_num_tasks=8):  # the MGDA oracle enumerates supports
     return

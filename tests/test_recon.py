@@ -32,8 +32,8 @@ def _reference_counts(steps, threshold):
 
 def _params():
   return {
-      "trunk": {"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}},
-      "out": {"kernel": jnp.zeros(2)},
+    "trunk": {"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}},
+    "out": {"kernel": jnp.zeros(2)},
   }
 
 
@@ -53,19 +53,18 @@ def test_hand_built_counts():
   # Layer "out": tasks 0 and 1 opposite, task 2 zero.
   out = np.array([[1.0, 0.0], [-2.0, 0.0], [0.0, 0.0]])
   grads = {
-      "trunk": {"dense": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros((3, 2))}},
-      "out": {"kernel": jnp.asarray(out)},
+    "trunk": {"dense": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros((3, 2))}},
+    "out": {"kernel": jnp.asarray(out)},
   }
   params = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape[1:]), grads)
-  expected = {0.0: {"trunk/dense": 1, "out": 1}, -0.8: {"trunk/dense": 0, "out": 1},
-              0.1: {"trunk/dense": 2, "out": 3}}
+  expected = {0.0: {"trunk/dense": 1, "out": 1}, -0.8: {"trunk/dense": 0, "out": 1}, 0.1: {"trunk/dense": 2, "out": 3}}
   for threshold, counts in expected.items():
     tx = recon.layer_conflict_scores(3, threshold)
     state = tx.init(params)
     for _ in range(2):
       updates, state = jax.jit(tx.update)(grads, state, params)
     assert {name: int(count) for name, count in state.counts.items()} == {
-        name: 2 * count for name, count in counts.items()
+      name: 2 * count for name, count in counts.items()
     }, threshold
     assert int(state.num_steps) == 2
     chex.assert_trees_all_equal(updates, grads)
@@ -83,13 +82,21 @@ def test_matches_literal_reference(num_tasks, threshold):
   for _ in range(5):
     shared = rng.standard_normal((1, 3, 2))
     grads = {
-        "trunk": {"dense": {"kernel": jnp.asarray(0.5 * shared + rng.standard_normal((num_tasks, 3, 2)), jnp.float32),
-                            "bias": jnp.asarray(rng.standard_normal((num_tasks, 2)), jnp.float32)}},
-        "out": {"kernel": jnp.asarray(rng.standard_normal((num_tasks, 2)), jnp.float32)},
+      "trunk": {
+        "dense": {
+          "kernel": jnp.asarray(0.5 * shared + rng.standard_normal((num_tasks, 3, 2)), jnp.float32),
+          "bias": jnp.asarray(rng.standard_normal((num_tasks, 2)), jnp.float32),
+        }
+      },
+      "out": {"kernel": jnp.asarray(rng.standard_normal((num_tasks, 2)), jnp.float32)},
     }
     _, state = update(grads, state, params)
-    steps.append({"trunk/dense": [grads["trunk"]["dense"]["bias"], grads["trunk"]["dense"]["kernel"]],
-                  "out": [grads["out"]["kernel"]]})
+    steps.append(
+      {
+        "trunk/dense": [grads["trunk"]["dense"]["bias"], grads["trunk"]["dense"]["kernel"]],
+        "out": [grads["out"]["kernel"]],
+      }
+    )
   assert {name: int(count) for name, count in state.counts.items()} == _reference_counts(steps, threshold)
 
 
@@ -154,7 +161,7 @@ def test_invalid_threshold_and_inputs():
 
 def _state(**counts):
   return recon.LayerConflictState(
-      counts={name: jnp.int32(count) for name, count in counts.items()}, num_steps=jnp.int32(1)
+    counts={name: jnp.int32(count) for name, count in counts.items()}, num_steps=jnp.int32(1)
   )
 
 
@@ -256,8 +263,9 @@ def test_branched_training_step_with_gradops():
   model = TrunkAndHeads(num_tasks, nnx.Rngs(0), dropout=0.1)
   branched, _ = recon.branch_layers(model, ["trunk/0"], num_tasks)
   shared = recon.shared_mask(branched, task_specific=lambda path: "heads" in jax.tree_util.keystr(path))
-  tx = optax.chain(gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(num_tasks), num_tasks, shared),
-                   optax.adam(1e-2))
+  tx = optax.chain(
+    gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(num_tasks), num_tasks, shared), optax.adam(1e-2)
+  )
   optimizer = nnx.Optimizer(branched, tx, wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(1), (32, 3))
   targets = jnp.stack([jnp.sin(x[:, 0]), jnp.cos(x[:, 1])])

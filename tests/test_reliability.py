@@ -9,7 +9,7 @@ import pytest
 
 import gradops_jax
 from tests import cases as cases_lib
-from tests.transforms import METHODS
+from tests.registry import METHODS
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -50,8 +50,8 @@ CANCELLING = np.array([[1, 1, 1], [-1, -1, -1], [1, 1, 1]], np.float32) / 3
 def _init_mlp(key):
   k1, k2 = jax.random.split(key)
   return {
-      "hidden": {"kernel": jax.random.normal(k1, (4, 16)) / 2, "bias": jnp.zeros(16)},
-      "out": {"kernel": jax.random.normal(k2, (16, NUM_TASKS)) / 4, "bias": jnp.zeros(NUM_TASKS)},
+    "hidden": {"kernel": jax.random.normal(k1, (4, 16)) / 2, "bias": jnp.zeros(16)},
+    "out": {"kernel": jax.random.normal(k2, (16, NUM_TASKS)) / 4, "bias": jnp.zeros(NUM_TASKS)},
   }
 
 
@@ -61,6 +61,7 @@ def _base_losses(params, x, y):
   return jnp.mean((prediction - y) ** 2, axis=0)
 
 
+@pytest.mark.slow
 def test_ten_thousand_steps_through_cancelling_batches():
   """10,000 jitted GradOPS + Adam steps on a stream in which every 300th batch
   has exactly cancelling tasks: the run stays finite, keeps learning, and the

@@ -15,9 +15,7 @@ def _losses(params, x):
 
 def _params():
   key_w, key_x = jax.random.split(jax.random.key(0))
-  return {"w": jax.random.normal(key_w, (4, 5)), "b": jnp.zeros(5)}, jax.random.normal(
-      key_x, (8, 4)
-  )
+  return {"w": jax.random.normal(key_w, (4, 5)), "b": jnp.zeros(5)}, jax.random.normal(key_x, (8, 4))
 
 
 def test_matches_per_task_grad():
@@ -36,9 +34,7 @@ def test_has_aux_and_argnums_tuple():
   def with_aux(p, x):
     return _losses(p, x), {"n": x.shape[0]}
 
-  (losses, aux), (grads_p, grads_x) = value_and_task_grads(with_aux, argnums=(0, 1), has_aux=True)(
-      params, x
-  )
+  (losses, aux), (grads_p, grads_x) = value_and_task_grads(with_aux, argnums=(0, 1), has_aux=True)(params, x)
   assert aux == {"n": 8}
   expected_p, expected_x = jax.jacrev(_losses, argnums=(0, 1))(params, x)
   chex.assert_trees_all_close(grads_p, expected_p, atol=1e-6)

@@ -29,25 +29,24 @@ def _relative(a, b):
 
 # method -> (our transform for T tasks, relative tolerance, why not tighter)
 EXACT = {
-    "mean": (gradops_jax.scale_by_linear_scalarization, 1e-5, "same formula"),
-    "imtl_g": (gradops_jax.scale_by_imtl_g, 1e-5, "same closed form"),
-    "aligned_mtl": (gradops_jax.scale_by_aligned_mtl, 1e-5, "same balance transformation"),
-    "pcgrad": (gradops_jax.scale_by_pcgrad, 1e-5, "T = 2: the order does not matter"),
-    "gradvac": (gradops_jax.scale_by_gradvac, 1e-5, "T = 2, first step from zero targets"),
-    # torchjd regularises the normalised Gramian with 1e-4 I before its QP.
-    "upgrad": (gradops_jax.scale_by_upgrad, 1e-3, "torchjd's 1e-4 Gramian ridge"),
-    # torchjd solves CAGrad's dual with cvxpy/clarabel and normalises with
-    # norm_eps = 1e-4; it also skips the official 1 / (1 + c^2) rescaling.
-    "cagrad": (
-        lambda t: gradops_jax.scale_by_cagrad(t, c=0.5, rescale=False), 1e-4,
-        "cvxpy tolerance and norm_eps",
-    ),
+  "mean": (gradops_jax.scale_by_linear_scalarization, 1e-5, "same formula"),
+  "imtl_g": (gradops_jax.scale_by_imtl_g, 1e-5, "same closed form"),
+  "aligned_mtl": (gradops_jax.scale_by_aligned_mtl, 1e-5, "same balance transformation"),
+  "pcgrad": (gradops_jax.scale_by_pcgrad, 1e-5, "T = 2: the order does not matter"),
+  "gradvac": (gradops_jax.scale_by_gradvac, 1e-5, "T = 2, first step from zero targets"),
+  # torchjd regularises the normalised Gramian with 1e-4 I before its QP.
+  "upgrad": (gradops_jax.scale_by_upgrad, 1e-3, "torchjd's 1e-4 Gramian ridge"),
+  # torchjd solves CAGrad's dual with cvxpy/clarabel and normalises with
+  # norm_eps = 1e-4; it also skips the official 1 / (1 + c^2) rescaling.
+  "cagrad": (
+    lambda t: gradops_jax.scale_by_cagrad(t, c=0.5, rescale=False),
+    1e-4,
+    "cvxpy tolerance and norm_eps",
+  ),
 }
 
 
-RECORDED = sorted(
-    tuple(key.split("/")) for key in GOLDEN.files if key.split("/")[0] in EXACT
-)
+RECORDED = sorted(tuple(key.split("/")) for key in GOLDEN.files if key.split("/")[0] in EXACT)
 
 
 @pytest.mark.parametrize("method,name", RECORDED)

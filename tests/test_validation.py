@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import pytest
 
 import gradops_jax
-from tests.transforms import METHODS
+from tests import registry
+from tests.registry import METHODS
 
 PARAMS = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
 NUM_TASKS = 2
@@ -22,20 +23,21 @@ def _grads(kernel_shape=(2, 4, 3), bias_shape=(2, 3), bias_dtype=jnp.float32):
 
 # name -> (task gradients, error type, message pattern naming the leaf and shapes)
 MISUSE = {
-    "missing_task_axis": (
-        _grads(bias_shape=(3,)), ValueError, r"size 2.*\['dense'\]\['bias'\] with shape \(3,\)"),
-    "wrong_num_tasks": (
-        _grads((3, 4, 3), (3, 3)), ValueError, r"size 2.*\['dense'\]\['bias'\] with shape \(3, 3\)"),
-    "leaves_disagree_on_num_tasks": (
-        _grads(bias_shape=(5, 3)), ValueError, r"\['dense'\]\['bias'\] with shape \(5, 3\)"),
-    "integer_leaf": (
-        _grads(bias_dtype=jnp.int32), TypeError, r"\['dense'\]\['bias'\] with shape \(2, 3\) and dtype int32"),
-    "boolean_leaf": (
-        _grads(bias_dtype=bool), TypeError, r"\['dense'\]\['bias'\].*bool"),
-    "structure_differs_from_params": (
-        {"dense": {"kernel": jnp.zeros((2, 4, 3))}}, TypeError, r"structure.*kernel.*bias"),
-    "shape_differs_from_param": (
-        _grads((2, 3, 4)), ValueError, r"\['dense'\]\['kernel'\] with shape \(2, 3, 4\).*\(4, 3\)"),
+  "missing_task_axis": (_grads(bias_shape=(3,)), ValueError, r"size 2.*\['dense'\]\['bias'\] with shape \(3,\)"),
+  "wrong_num_tasks": (_grads((3, 4, 3), (3, 3)), ValueError, r"size 2.*\['dense'\]\['bias'\] with shape \(3, 3\)"),
+  "leaves_disagree_on_num_tasks": (_grads(bias_shape=(5, 3)), ValueError, r"\['dense'\]\['bias'\] with shape \(5, 3\)"),
+  "integer_leaf": (
+    _grads(bias_dtype=jnp.int32),
+    TypeError,
+    r"\['dense'\]\['bias'\] with shape \(2, 3\) and dtype int32",
+  ),
+  "boolean_leaf": (_grads(bias_dtype=bool), TypeError, r"\['dense'\]\['bias'\].*bool"),
+  "structure_differs_from_params": ({"dense": {"kernel": jnp.zeros((2, 4, 3))}}, TypeError, r"structure.*kernel.*bias"),
+  "shape_differs_from_param": (
+    _grads((2, 3, 4)),
+    ValueError,
+    r"\['dense'\]\['kernel'\] with shape \(2, 3, 4\).*\(4, 3\)",
+  ),
 }
 
 
@@ -74,43 +76,27 @@ def test_num_tasks_must_be_int(method, num_tasks):
     METHODS[method][0](num_tasks)
 
 
-NAN, INF = float("nan"), float("inf")
-# (factory, keyword, bad values, message)
+# (public factory, keyword, bad value), from the registry.
 BAD_HYPERPARAMETERS = [
-    (gradops_jax.scale_by_gradops, "alpha", [NAN, INF, -INF], "alpha must be finite"),
-    (gradops_jax.scale_by_gradops, "rank_rtol", [-1e-3, 1.0, 2.0, NAN, INF], "rank_rtol"),
-    (gradops_jax.scale_by_conicgrad, "c", [-0.1, 1.5, NAN, INF], "c must be finite and in"),
-    (gradops_jax.scale_by_cagrad, "c", [-0.1, NAN, INF], "c must be finite and in"),
-    (gradops_jax.scale_by_gradvac, "beta", [-0.1, 1.5, NAN], "beta must be finite and in"),
-    (gradops_jax.scale_by_linear_scalarization, "weights", [[1.0, NAN], [INF, 1.0]], "weights must be finite"),
-] + [
-    (factory, "tol", [-1e-3, NAN, INF], "tol must be finite and in")
-    for factory in (
-        gradops_jax.scale_by_mgda, gradops_jax.scale_by_upgrad, gradops_jax.scale_by_cagrad,
-        gradops_jax.scale_by_conicgrad, gradops_jax.scale_by_nash_mtl,
-    )
+  (spec.public, keyword, value)
+  for spec in registry.SPECS
+  for keyword, values in spec.bad_hyperparameters.items()
+  for value in values
 ]
 
 
-@pytest.mark.parametrize(
-    "factory, keyword, value, message",
-    [(f, k, v, m) for f, k, values, m in BAD_HYPERPARAMETERS for v in values],
-    ids=lambda x: getattr(x, "__name__", str(x)),
-)
-def test_invalid_hyperparameter(factory, keyword, value, message):
+@pytest.mark.parametrize("factory, keyword, value", BAD_HYPERPARAMETERS, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_invalid_hyperparameter(factory, keyword, value):
+  message = f"{keyword} must be finite" + ("" if keyword in ("alpha", "weights") else " and in")
   with pytest.raises(ValueError, match=message):
     factory(NUM_TASKS, **{keyword: value})
 
 
-@pytest.mark.parametrize(
-    "factory",
-    [gradops_jax.scale_by_mgda, gradops_jax.scale_by_upgrad, gradops_jax.scale_by_cagrad,
-     gradops_jax.scale_by_conicgrad, gradops_jax.scale_by_nash_mtl],
-)
-@pytest.mark.parametrize("max_iters, error", [(0, ValueError), (-5, ValueError), (10.0, TypeError)])
-def test_invalid_max_iters(factory, max_iters, error):
+@pytest.mark.parametrize("method", registry.ITERATIVE)
+@pytest.mark.parametrize("max_iters, error", registry.MAX_ITERS_BAD)
+def test_invalid_max_iters(method, max_iters, error):
   with pytest.raises(error, match="max_iters"):
-    factory(NUM_TASKS, max_iters=max_iters)
+    registry.BY_NAME[method].public(NUM_TASKS, max_iters=max_iters)
 
 
 def test_value_and_task_grads_needs_vector_of_losses():

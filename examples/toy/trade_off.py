@@ -40,13 +40,15 @@ import gradops_jax
 HERE = pathlib.Path(__file__).parent
 INITIAL_POINTS = ((-0.85, 0.75), (-0.85, -0.3), (0.9, 0.9))
 METHODS = {
-    "uniform": lambda: gradops_jax.scale_by_linear_scalarization(2, weights=[1.0, 1.0]),
-    "PCGrad": lambda: gradops_jax.scale_by_pcgrad(2),
-    "MGDA": lambda: gradops_jax.scale_by_mgda(2),
-    "CAGrad": lambda: gradops_jax.scale_by_cagrad(2, c=0.5),
-    "IMTL-G": lambda: gradops_jax.scale_by_imtl_g(2),
-    **{f"GradOPS a={alpha:g}": (lambda alpha=alpha: gradops_jax.scale_by_gradops(2, alpha=alpha))
-       for alpha in (-3.0, -1.0, 0.0, 1.0, 3.0)},
+  "uniform": lambda: gradops_jax.scale_by_linear_scalarization(2, weights=[1.0, 1.0]),
+  "PCGrad": lambda: gradops_jax.scale_by_pcgrad(2),
+  "MGDA": lambda: gradops_jax.scale_by_mgda(2),
+  "CAGrad": lambda: gradops_jax.scale_by_cagrad(2, c=0.5),
+  "IMTL-G": lambda: gradops_jax.scale_by_imtl_g(2),
+  **{
+    f"GradOPS a={alpha:g}": (lambda alpha=alpha: gradops_jax.scale_by_gradops(2, alpha=alpha))
+    for alpha in (-3.0, -1.0, 0.0, 1.0, 3.0)
+  },
 }
 
 
@@ -115,6 +117,7 @@ def run(steps):
 
 def plot(paths, front, out_dir):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -132,7 +135,7 @@ def plot(paths, front, out_dir):
       ax.plot(*path[0], "ko", ms=4)
       ax.plot(*path[-1], "r*", ms=9)
     ax.set_title(name, fontsize=10)
-  for ax in axes.ravel()[len(names):]:
+  for ax in axes.ravel()[len(names) :]:
     ax.axis("off")
   fig.suptitle(r"Trajectories on the contours of $L_1 + L_2$ (black: start, red: end)")
   fig.tight_layout()
@@ -158,19 +161,25 @@ def plot(paths, front, out_dir):
 
 def results_table(paths, front, steps):
   lines = [
-      f"# Appendix B toy problem: final points after {steps} Adam steps (lr 1e-3)", "",
-      "Command: `python examples/toy/trade_off.py" + ("" if steps == 20_000 else f" --steps {steps}") + "`", "",
-      "Distance to the Pareto front: the smallest Chebyshev distance in (L1, L2) to the "
-      "non-dominated points of an 801 x 801 grid of [-1, 1]^2 (0 = on the front, up to grid resolution).", "",
-      "| method | start | final theta | (L1, L2) | distance to front |", "|---|---|---|---|---|",
+    f"# Appendix B toy problem: final points after {steps} Adam steps (lr 1e-3)",
+    "",
+    "Command: `python examples/toy/trade_off.py" + ("" if steps == 20_000 else f" --steps {steps}") + "`",
+    "",
+    "Distance to the Pareto front: the smallest Chebyshev distance in (L1, L2) to the "
+    "non-dominated points of an 801 x 801 grid of [-1, 1]^2 (0 = on the front, up to grid resolution).",
+    "",
+    "| method | start | final theta | (L1, L2) | distance to front |",
+    "|---|---|---|---|---|",
   ]
   finals = {}
   for name, method_paths in paths.items():
     for start, path in zip(INITIAL_POINTS, method_paths):
       values = np.asarray(task_losses(jnp.asarray(path[-1])))
       finals[name, start] = values
-      lines.append(f"| {name} | {start} | ({path[-1][0]:.3f}, {path[-1][1]:.3f}) | "
-                   f"({values[0]:.3f}, {values[1]:.3f}) | {distance_to_front(values, front):.3f} |")
+      lines.append(
+        f"| {name} | {start} | ({path[-1][0]:.3f}, {path[-1][1]:.3f}) | "
+        f"({values[0]:.3f}, {values[1]:.3f}) | {distance_to_front(values, front):.3f} |"
+      )
   return "\n".join(lines) + "\n", finals
 
 

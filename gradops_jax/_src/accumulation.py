@@ -18,10 +18,10 @@ from gradops_jax._src import validation
 
 
 def task_multi_steps(
-    opt: optax.GradientTransformation,
-    every_k_schedule: Any,
-    num_tasks: int,
-    **multi_steps_kwargs: Any,
+  opt: optax.GradientTransformation,
+  every_k_schedule: Any,
+  num_tasks: int,
+  **multi_steps_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r""":class:`optax.MultiSteps` for an optimiser that takes stacked task gradients.
 
@@ -63,9 +63,7 @@ def task_multi_steps(
   def init_fn(params):
     state = multi_steps.init(params)
     return state._replace(
-        acc_grads=jax.tree.map(
-            lambda acc: jnp.zeros((num_tasks, *acc.shape), acc.dtype), state.acc_grads
-        )
+      acc_grads=jax.tree.map(lambda acc: jnp.zeros((num_tasks, *acc.shape), acc.dtype), state.acc_grads)
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, multi_steps.update)

@@ -41,10 +41,10 @@ def _cast_like(new: jax.Array, old: jax.Array) -> jax.Array:
 
 
 def gram_aggregator(
-    num_tasks: int,
-    init_state: Callable[[], NamedTuple],
-    solve: SolveFn,
-    hyperparameters: Optional[dict] = None,
+  num_tasks: int,
+  init_state: Callable[[], NamedTuple],
+  solve: SolveFn,
+  hyperparameters: Optional[dict] = None,
 ) -> optax.GradientTransformation:
   """Builds an aggregation transform from a Gram-matrix solve.
 
@@ -98,14 +98,14 @@ class WeightsState(NamedTuple):
 
 def init_weights_state(num_tasks: int) -> WeightsState:
   return WeightsState(
-      weights=jnp.zeros((num_tasks,), jnp.float32),
-      converged=jnp.ones((), bool),
-      num_steps=jnp.zeros((), jnp.int32),
+    weights=jnp.zeros((num_tasks,), jnp.float32),
+    converged=jnp.ones((), bool),
+    num_steps=jnp.zeros((), jnp.int32),
   )
 
 
 def stateless_aggregator(
-    num_tasks: int, weighting: WeightingFn, hyperparameters: Optional[dict] = None
+  num_tasks: int, weighting: WeightingFn, hyperparameters: Optional[dict] = None
 ) -> optax.GradientTransformation:
   """Builds a transform with a :class:`WeightsState` from ``weighting(gram, input_dtype)``.
 

@@ -2,14 +2,14 @@ r"""The two passes over the gradients on CPU: small C++ kernels called through t
 
 Every aggregator reads the stacked ``(T, D)`` gradients twice: once for their
 :math:`T \times T` Gram matrix, once for the update
-:math:`\sum_k \beta_k g_k`. On CPU, ``csrc/cpu_kernels.cc`` does both.
+:math:`\sum_k \beta_k g_k`. On CPU, ``csrc/gram.cc`` and ``csrc/combine.cc``
+(with the chunk runner they share, ``csrc/chunk_runner.h``) do both.
 
 **Gram.** XLA's CPU backend compiles the reduction of a ``(T, D)`` leaf to its
-Gram matrix into one sequential loop: on the 2-core benchmark machine it
-took 3 to 8 times as long as one read of the leaf (see
-``benchmarks/README.md``). The kernel does the same arithmetic as
-:func:`gradops_jax.leaf_gram` (float64 sums of the exact products of
-float32 inputs) in 0.3 to 1.9 times that one read:
+Gram matrix into one sequential loop, several times slower than one read of
+the leaf (``benchmarks/README.md`` has the figures). The kernel does the same
+arithmetic as :func:`gradops_jax.leaf_gram` (float64 sums of the exact
+products of float32 inputs) near memory speed:
 
 * the columns are cut into chunks that depend only on ``(T, D)``; XLA's own
   intra-op thread pool runs them, so the result does not depend on the
@@ -29,9 +29,8 @@ differs besides is the output: before writing it, the kernel asks Linux to back 
 transparent huge pages (``madvise(MADV_HUGEPAGE)``, honoured where
 ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or
 ``madvise``). A fresh update of tens of megabytes, which glibc's allocator
-maps anew on each call, is otherwise faulted in 4 KiB at a time; at
-:math:`T = 3`, :math:`D = 10^7` those faults took as long as the reads
-(``benchmarks/README.md``).
+maps anew on each call, is otherwise faulted in 4 KiB at a time, which can
+cost as much as the reads (``benchmarks/README.md``).
 
 The kernels are compiled on first use with the system's C++ compiler
 (``$CXX``, else ``c++``) against the FFI headers that ship with jaxlib, for
@@ -62,19 +61,20 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-_SOURCE = pathlib.Path(__file__).parent / "csrc" / "cpu_kernels.cc"
+_SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name for name in ("gram.cc", "combine.cc"))
+_HEADERS = tuple(pathlib.Path(__file__).parent / "csrc" / name for name in ("chunk_runner.h",))
 # (pass, dtype of the (T, D) input) -> (FFI target name, handler symbol in the library).
 _HANDLERS = {
-    ("gram", jnp.dtype(jnp.float32)): ("gradops_jax_gram_f32", "GramF32"),
-    ("gram", jnp.dtype(jnp.float64)): ("gradops_jax_gram_f64", "GramF64"),
-    ("combine", jnp.dtype(jnp.float32)): ("gradops_jax_combine_f32", "CombineF32"),
-    ("combine", jnp.dtype(jnp.float64)): ("gradops_jax_combine_f64", "CombineF64"),
+  ("gram", jnp.dtype(jnp.float32)): ("gradops_jax_gram_f32", "GramF32"),
+  ("gram", jnp.dtype(jnp.float64)): ("gradops_jax_gram_f64", "GramF64"),
+  ("combine", jnp.dtype(jnp.float32)): ("gradops_jax_combine_f32", "CombineF32"),
+  ("combine", jnp.dtype(jnp.float64)): ("gradops_jax_combine_f64", "CombineF64"),
 }
 _FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
 
 logger = logging.getLogger(__name__)
 _BUILD_LOCK = threading.Lock()
-_REGISTERED = []  # the library whose handlers XLA calls, once registered
+_REGISTERED: list = []  # the library whose handlers XLA calls, once registered
 
 
 def _cache_dir() -> pathlib.Path:
@@ -98,13 +98,17 @@ def _cpu_features() -> str:
 def _build(compiler: str, native: bool) -> pathlib.Path:
   """Compiles the kernels into the cache, unless a build for this setup is there."""
   flags = _FLAGS + (("-march=native",) if native else ())
-  version = subprocess.run(
-      [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
-  ).stdout
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
   key = hashlib.sha256(
-      "\n".join(
-          [_SOURCE.read_text(), version, " ".join(flags), jaxlib.__version__, _cpu_features()]
-      ).encode()
+    "\n".join(
+      [
+        *(path.read_text() for path in _SOURCES + _HEADERS),
+        version,
+        " ".join(flags),
+        jaxlib.__version__,
+        _cpu_features(),
+      ]
+    ).encode()
   ).hexdigest()[:20]
   library = _cache_dir() / f"cpu_kernels-{key}.so"
   if library.exists():
@@ -113,11 +117,11 @@ def _build(compiler: str, native: bool) -> pathlib.Path:
   with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
     built = pathlib.Path(scratch) / library.name
     subprocess.run(
-        [compiler, *flags, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
+      [compiler, *flags, "-isystem", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", str(built)],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=300,
     )
     os.replace(built, library)  # atomic: concurrent builds leave one whole file
   return library
@@ -161,8 +165,8 @@ def _build_and_register() -> bool:
       _REGISTERED.append(library)
     return True
   logger.warning(
-      "gradops_jax: building the CPU kernels failed; the Gram and combine passes stay in XLA.\n%s",
-      "\n".join(errors),
+    "gradops_jax: building the CPU kernels failed; the Gram and combine passes stay in XLA.\n%s",
+    "\n".join(errors),
   )
   return False
 

@@ -27,18 +27,18 @@ def _labels(shared_mask: Any, tree: Any) -> Any:
   """``"shared"``/``"task_specific"`` labels, checked against ``tree``'s structure."""
   mask_leaves, mask_def = jax.tree_util.tree_flatten(shared_mask)
   tree_paths, tree_def = jax.tree_util.tree_flatten_with_path(tree)
-  if mask_def != tree_def:
+  if not mask_def == tree_def:
     raise ValueError(
-        "shared must have the structure of the parameters; got shared structure "
-        f"{mask_def} and parameter structure {tree_def}."
+      "shared must have the structure of the parameters; got shared structure "
+      f"{mask_def} and parameter structure {tree_def}."
     )
   for flag, (path, leaf) in zip(mask_leaves, tree_paths):
     if not isinstance(flag, (bool, np.bool_)) and not (
-        isinstance(flag, jax.Array) and flag.shape == () and flag.dtype == jnp.bool_
+      isinstance(flag, jax.Array) and flag.shape == () and flag.dtype == jnp.bool_
     ):
       raise TypeError(
-          f"shared must hold one bool per parameter leaf; got {flag!r} for leaf "
-          f"{jax.tree_util.keystr(path)} with shape {tuple(jnp.shape(leaf))}."
+        f"shared must hold one bool per parameter leaf; got {flag!r} for leaf "
+        f"{jax.tree_util.keystr(path)} with shape {tuple(jnp.shape(leaf))}."
       )
   return jax.tree.map(lambda flag: SHARED if bool(flag) else TASK_SPECIFIC, shared_mask)
 
@@ -59,9 +59,9 @@ def _sum_over_tasks(num_tasks: int) -> optax.GradientTransformation:
 
 
 def aggregate_shared(
-    aggregator: optax.GradientTransformation,
-    num_tasks: int,
-    shared: Union[Any, Callable[[Any], Any]],
+  aggregator: optax.GradientTransformation,
+  num_tasks: int,
+  shared: Union[Any, Callable[[Any], Any]],
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``aggregator`` on the shared parameters; sums the tasks elsewhere.
 
@@ -123,9 +123,9 @@ def aggregate_shared(
     return _labels(mask, tree)
 
   return optax.partition(
-      {
-          SHARED: aggregator,
-          TASK_SPECIFIC: _sum_over_tasks(num_tasks),
-      },
-      labels,
+    {
+      SHARED: aggregator,
+      TASK_SPECIFIC: _sum_over_tasks(num_tasks),
+    },
+    labels,
   )

@@ -121,8 +121,8 @@ def _scanned_gram(rows: jax.Array) -> jax.Array:
   The rows are read in blocks of :func:`_block_size`
   columns inside a :func:`jax.lax.scan`, so that each block is read from
   memory once and converted to float64 in cache, where one small matrix
-  product forms its :math:`T^2` inner products (3 to 4 times faster on CPU
-  than a fused multiply-and-reduce, which XLA vectorises less well), with no
+  product forms its :math:`T^2` inner products (faster on CPU than a fused
+  multiply-and-reduce, which XLA vectorises less well), with no
   temporary buffer beyond the block. A dynamic slice of a sharded axis would
   make XLA gather the leaf, hence :func:`_partitionable_leaf_gram` for
   sharded leaves.
@@ -137,9 +137,7 @@ def _scanned_gram(rows: jax.Array) -> jax.Array:
     chunk = jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1)
     return gram + _dot_gram(chunk), None
 
-  gram, _ = jax.lax.scan(
-      accumulate, jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE), jnp.arange(num_blocks)
-  )
+  gram, _ = jax.lax.scan(accumulate, jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE), jnp.arange(num_blocks))
   if size > num_blocks * block:
     gram = gram + _dot_gram(rows[:, num_blocks * block :])
   return gram
@@ -168,9 +166,7 @@ def _partitionable_leaf_gram(leaf: jax.Array) -> jax.Array:
   divisor = _divisor_near(last, block, num_shards)
   if divisor is not None:
     out_sharding = None if spec is None else jax.sharding.PartitionSpec(*spec, None)
-    split = jax.lax.reshape(
-        leaf, (*leaf.shape[:-1], last // divisor, divisor), out_sharding=out_sharding
-    )
+    split = jax.lax.reshape(leaf, (*leaf.shape[:-1], last // divisor, divisor), out_sharding=out_sharding)
     return _blocked_gram(split, 1)
   if spec is not None:
     # No block size splits the shards evenly: one block (correct, slower).

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 
 
 def value_and_task_grads(
-    fun: Callable[..., Any],
-    argnums: Union[int, Sequence[int]] = 0,
-    has_aux: bool = False,
+  fun: Callable[..., Any],
+  argnums: Union[int, Sequence[int]] = 0,
+  has_aux: bool = False,
 ) -> Callable[..., Any]:
   r"""Like :func:`jax.value_and_grad`, for a function returning T task losses.
 
@@ -29,12 +29,9 @@ def value_and_task_grads(
 
   Why not :func:`jax.vmap` over the cotangents, as :func:`jax.jacrev` does:
   the batched VJP of a dense layer yields its kernel gradients in a transposed
-  layout that XLA then makes every consumer read with strides. Measured on CPU
-  (``benchmarks/run.py``, section 8: 2-layer width-1024 trunk and T = 3
-  towers), the whole step (gradients + :func:`scale_by_gradops` + Adam) took
-  about 3 times as long with the vmapped VJP as with this mapped one, whose
-  backward alone was also no slower. A scan also keeps one task's
-  intermediates alive at a time, not T.
+  layout that XLA then makes every consumer read with strides, which made the
+  whole training step several times slower (``benchmarks/README.md``,
+  section 8). A scan also keeps one task's intermediates alive at a time, not T.
 
   Args:
     fun: function whose output (or first output, with ``has_aux``) is a
@@ -72,8 +69,7 @@ def value_and_task_grads(
       losses = jnp.asarray(losses)
       if losses.ndim != 1:
         raise ValueError(
-            "value_and_task_grads needs fun to return a 1-D vector of task "
-            f"losses, got an array of shape {losses.shape}."
+          f"value_and_task_grads needs fun to return a 1-D vector of task losses, got an array of shape {losses.shape}."
         )
       return losses, aux
 
@@ -89,9 +85,9 @@ def value_and_task_grads(
 
 
 def nnx_value_and_task_grads(
-    fun: Callable[..., Any],
-    wrt: Any = nnx.Param,
-    has_aux: bool = False,
+  fun: Callable[..., Any],
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
 ) -> Callable[..., Any]:
   r"""Per-task losses and stacked gradients of a Flax NNX model.
 
@@ -146,9 +142,7 @@ def nnx_value_and_task_grads(
       losses, aux = out if has_aux else (out, None)
       return losses, (aux, nnx.state(inner, nnx.Not(wrt)))
 
-    (losses, (aux, new_other_state)), task_grads = value_and_task_grads(
-        pure, has_aux=True
-    )(diff_state)
+    (losses, (aux, new_other_state)), task_grads = value_and_task_grads(pure, has_aux=True)(diff_state)
     nnx.update(model, new_other_state)
     value = (losses, aux) if has_aux else losses
     return value, task_grads

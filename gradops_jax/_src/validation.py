@@ -19,9 +19,7 @@ import numpy as np
 def _check_positive_int(name: str, value: Any, hint: str = "") -> int:
   """Returns ``value`` as an int, or raises if it is not a positive Python int."""
   if isinstance(value, bool) or not isinstance(value, int):
-    raise TypeError(
-        f"{name} must be a Python int, got {value!r} of type {type(value).__name__}.{hint}"
-    )
+    raise TypeError(f"{name} must be a Python int, got {value!r} of type {type(value).__name__}.{hint}")
   if value < 1:
     raise ValueError(f"{name} must be >= 1, got {value}.")
   return value
@@ -30,8 +28,9 @@ def _check_positive_int(name: str, value: Any, hint: str = "") -> int:
 def check_num_tasks(num_tasks: Any) -> int:
   """Returns ``num_tasks`` as an int, or raises if it is not a positive int."""
   return _check_positive_int(
-      "num_tasks", num_tasks,
-      " If you use optax.inject_hyperparams, pass static_args=('num_tasks',).",
+    "num_tasks",
+    num_tasks,
+    " If you use optax.inject_hyperparams, pass static_args=('num_tasks',).",
   )
 
 
@@ -41,8 +40,11 @@ def check_max_iters(max_iters: Any) -> int:
 
 
 def check_hyperparameter_range(
-    name: str, value: Any, low: float = -float("inf"), high: float = float("inf"),
-    high_inclusive: bool = True,
+  name: str,
+  value: Any,
+  low: float = -float("inf"),
+  high: float = float("inf"),
+  high_inclusive: bool = True,
 ) -> None:
   """Raises ``ValueError`` unless a concrete hyperparameter is finite and in range.
 
@@ -78,6 +80,11 @@ OPEN_UNIT_INTERVAL = Range(0.0, 1.0, high_inclusive=False)
 POSITIVE_INT = Range(1, integer=True)
 
 
+def solver_hyperparameters(tol: Any, max_iters: Any) -> dict:
+  """The declarations of an iterative solve's ``tol`` and ``max_iters``."""
+  return {"tol": (tol, NONNEGATIVE), "max_iters": (max_iters, POSITIVE_INT)}
+
+
 def check_hyperparameters(hyperparameters: dict) -> None:
   """Checks every ``name: (value, Range)`` entry; ``None`` values mean "default"."""
   for name, (value, valid) in hyperparameters.items():
@@ -91,8 +98,8 @@ def check_hyperparameters(hyperparameters: dict) -> None:
 
 def _leaf_description(path, leaf) -> str:
   return (
-      f"leaf {jax.tree_util.keystr(path) or '<root>'} with shape "
-      f"{tuple(jnp.shape(leaf))} and dtype {jnp.result_type(leaf)}"
+    f"leaf {jax.tree_util.keystr(path) or '<root>'} with shape "
+    f"{tuple(jnp.shape(leaf))} and dtype {jnp.result_type(leaf)}"
   )
 
 
@@ -100,9 +107,7 @@ def check_params(params: Any) -> None:
   """Raises ``TypeError`` if a parameter leaf is not a floating-point array."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise TypeError(
-          f"Parameters must be floating point, got {_leaf_description(path, leaf)}."
-      )
+      raise TypeError(f"Parameters must be floating point, got {_leaf_description(path, leaf)}.")
 
 
 def check_task_grads(task_grads: Any, num_tasks: int, params: Any = None) -> None:
@@ -123,34 +128,32 @@ def check_task_grads(task_grads: Any, num_tasks: int, params: Any = None) -> Non
   param_leaves = None
   if params is not None:
     param_leaves, params_def = jax.tree_util.tree_flatten(params)
-    if params_def != grads_def:
+    if not params_def == grads_def:
       raise TypeError(
-          "task_grads must have the structure of params; got task_grads "
-          f"structure {grads_def} and params structure {params_def}."
+        "task_grads must have the structure of params; got task_grads "
+        f"structure {grads_def} and params structure {params_def}."
       )
   for index, (path, leaf) in enumerate(grads_with_path):
     shape = tuple(jnp.shape(leaf))
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise TypeError(
-          f"Task gradients must be floating point, got {_leaf_description(path, leaf)}."
-      )
+      raise TypeError(f"Task gradients must be floating point, got {_leaf_description(path, leaf)}.")
     if not shape:
       raise ValueError(
-          f"Task gradients need a leading task axis of size {num_tasks}; "
-          f"{_leaf_description(path, leaf)} has no axis at all."
+        f"Task gradients need a leading task axis of size {num_tasks}; "
+        f"{_leaf_description(path, leaf)} has no axis at all."
       )
     if shape[0] != num_tasks:
       raise ValueError(
-          f"Task gradients need a leading task axis of size {num_tasks}; "
-          f"{_leaf_description(path, leaf)} has {shape[0]} on axis 0. Stack "
-          "the T task gradients of every leaf on axis 0 (see "
-          "gradops_jax.value_and_task_grads)."
+        f"Task gradients need a leading task axis of size {num_tasks}; "
+        f"{_leaf_description(path, leaf)} has {shape[0]} on axis 0. Stack "
+        "the T task gradients of every leaf on axis 0 (see "
+        "gradops_jax.value_and_task_grads)."
       )
     if param_leaves is not None:
       param_shape = tuple(jnp.shape(param_leaves[index]))
       if shape[1:] != param_shape:
         raise ValueError(
-            f"Task gradient {_leaf_description(path, leaf)} does not match its "
-            f"parameter of shape {param_shape}: expected shape "
-            f"(num_tasks, *param.shape) = {(num_tasks, *param_shape)}."
+          f"Task gradient {_leaf_description(path, leaf)} does not match its "
+          f"parameter of shape {param_shape}: expected shape "
+          f"(num_tasks, *param.shape) = {(num_tasks, *param_shape)}."
         )

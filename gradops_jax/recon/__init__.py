@@ -15,12 +15,12 @@ from gradops_jax._src.recon.scores import layer_conflict_scores
 from gradops_jax._src.recon.scores import select_layers
 
 __all__ = (
-    "BranchedModel",
-    "LayerConflictState",
-    "branch_layers",
-    "default_layer_name",
-    "find_conflict_state",
-    "layer_conflict_scores",
-    "select_layers",
-    "shared_mask",
+  "BranchedModel",
+  "LayerConflictState",
+  "branch_layers",
+  "default_layer_name",
+  "find_conflict_state",
+  "layer_conflict_scores",
+  "select_layers",
+  "shared_mask",
 )

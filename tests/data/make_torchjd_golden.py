@@ -32,13 +32,13 @@ def inputs():
 
 def aggregators(num_tasks):
   out = {
-      "mean": A.Mean(),
-      "mgda": A.MGDA(),
-      "upgrad": A.UPGrad(),
-      "imtl_g": A.IMTLG(),
-      "cagrad": A.CAGrad(c=0.5),
-      "aligned_mtl": A.AlignedMTL(),
-      "nash_mtl": A.NashMTL(n_tasks=num_tasks),
+    "mean": A.Mean(),
+    "mgda": A.MGDA(),
+    "upgrad": A.UPGrad(),
+    "imtl_g": A.IMTLG(),
+    "cagrad": A.CAGrad(c=0.5),
+    "aligned_mtl": A.AlignedMTL(),
+    "nash_mtl": A.NashMTL(n_tasks=num_tasks),
   }
   if num_tasks == 2:
     out.update(pcgrad=A.PCGrad(), gradvac=A.GradVac())

@@ -16,9 +16,7 @@ import jax.numpy as jnp
 StepFn = Callable[[Any, jax.Array, jax.Array], Any]
 
 
-def sequential_surgery(
-    gram: jax.Array, order: jax.Array, step: StepFn, init_carry: Callable[[jax.Array], Any]
-) -> Any:
+def sequential_surgery(gram: jax.Array, order: jax.Array, step: StepFn, init_carry: Callable[[jax.Array], Any]) -> Any:
   """Runs ``step`` for every task over the other tasks in ``order``.
 
   Args:

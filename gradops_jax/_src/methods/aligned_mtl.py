@@ -38,7 +38,7 @@ def aligned_mtl_weights(gram: jax.Array, rank_rtol: float) -> jax.Array:
   smallest_kept = jnp.min(jnp.where(kept, eigenvalues, jnp.inf))
   inverse_sqrt = jnp.where(kept, jax.lax.rsqrt(jnp.where(kept, eigenvalues, 1.0)), 0.0)
   balance = jnp.sqrt(jnp.where(jnp.any(kept), smallest_kept, 0.0)) * (
-      (eigenvectors * inverse_sqrt[None, :]) @ eigenvectors.T
+    (eigenvectors * inverse_sqrt[None, :]) @ eigenvectors.T
   )
   balance = jnp.where(jnp.any(kept), balance, jnp.eye(num_tasks, dtype=gram.dtype))
   return balance @ jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
@@ -76,9 +76,9 @@ def scale_by_aligned_mtl(num_tasks: int) -> optax.GradientTransformation:
     <https://arxiv.org/abs/2305.19000>`_, CVPR 2023, Algorithm 1.
   """
   return base.stateless_aggregator(
-      num_tasks,
-      lambda gram, input_dtype: (
-          aligned_mtl_weights(gram, num_tasks * float(jnp.finfo(input_dtype).eps)),
-          accelerated.no_iterations(),
-      ),
+    num_tasks,
+    lambda gram, input_dtype: (
+      aligned_mtl_weights(gram, num_tasks * float(jnp.finfo(input_dtype).eps)),
+      accelerated.no_iterations(),
+    ),
   )

@@ -14,8 +14,12 @@ from gradops_jax._src.solvers import simplex
 
 
 def cagrad_weights(
-    gram: jax.Array, c: float = 0.5, rescale: bool = True, tol: float = 1e-10,
-    max_iters: int = 5000, zero_rtol: float = 0.0,
+  gram: jax.Array,
+  c: float = 0.5,
+  rescale: bool = True,
+  tol: float = 1e-10,
+  max_iters: int = 5000,
+  zero_rtol: float = 0.0,
 ) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""CAGrad coefficients from the Gram matrix.
 
@@ -79,8 +83,11 @@ def cagrad_weights(
 
 
 def scale_by_cagrad(
-    num_tasks: int, c: float = 0.5, rescale: bool = True, tol: float = 1e-10,
-    max_iters: int = 5000,
+  num_tasks: int,
+  c: float = 0.5,
+  rescale: bool = True,
+  tol: float = 1e-10,
+  max_iters: int = 5000,
 ) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with CAGrad.
 
@@ -113,14 +120,18 @@ def scale_by_cagrad(
     <https://arxiv.org/abs/2110.14048>`_, NeurIPS 2021, Algorithm 1.
   """
   return base.stateless_aggregator(
-      num_tasks,
-      lambda gram, _: cagrad_weights(
-          # g_w is exact on the Gram matrix whatever the input dtype.
-          gram, c, rescale, tol, max_iters, tolerances.gram_rank_rtol(num_tasks)
-      ),
-      {
-          "c": (c, validation.NONNEGATIVE),
-          "tol": (tol, validation.NONNEGATIVE),
-          "max_iters": (max_iters, validation.POSITIVE_INT),
-      },
+    num_tasks,
+    lambda gram, _: cagrad_weights(
+      # g_w is exact on the Gram matrix whatever the input dtype.
+      gram,
+      c,
+      rescale,
+      tol,
+      max_iters,
+      tolerances.gram_rank_rtol(num_tasks),
+    ),
+    {
+      "c": (c, validation.NONNEGATIVE),
+      **validation.solver_hyperparameters(tol, max_iters),
+    },
   )

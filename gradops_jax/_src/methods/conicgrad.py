@@ -1,52 +1,16 @@
 r"""ConicGrad: the best worst-case task improvement inside a cone around the mean gradient.
 
-Derivation. The full ConicGrad paper (Hassanpour et al., 2025) was not
-available to us beyond its abstract, so the method is derived here from its
-problem statement: maximise the worst task improvement with the update kept
-in a cone centred on the mean gradient. With :math:`g_0 = \frac1T\sum_i g_i`,
-:math:`\hat g_0 = g_0/\|g_0\|`, a cone parameter :math:`c = \cos\theta \in
-[0, 1]` and the update's length bounded by :math:`r = \|g_0\|` (the
-normalisation; without one the problem is unbounded):
+With :math:`g_0` the mean gradient and :math:`c = \cos\theta`,
 
 .. math::
 
-  \max_{d \in \mathcal{C}} \min_i g_i^\top d, \qquad
-  \mathcal{C} = \{d : \hat g_0^\top d \ge c\,\|d\|,\ \|d\| \le r\}.
+  \max_{d} \min_i g_i^\top d \quad \text{s.t.} \quad
+  \hat g_0^\top d \ge c\,\|d\|,\ \|d\| \le \|g_0\|,
 
-:math:`\mathcal{C}` is convex and compact and the objective is the minimum of
-linear functions, :math:`\min_{w\in\Delta_T} g_w^\top d` with
-:math:`g_w = \sum_i w_i g_i`; by the minimax theorem
-
-.. math::
-
-  \max_{d\in\mathcal C} \min_{w\in\Delta_T} g_w^\top d
-  = \min_{w\in\Delta_T} \sigma_{\mathcal C}(g_w), \qquad
-  \sigma_{\mathcal C}(v) = \max_{d\in\mathcal C} v^\top d,
-
-a convex problem over T weights. The support function has a closed form:
-write :math:`v = a \hat g_0 + b \hat e` with :math:`a = v^\top \hat g_0`,
-:math:`b = \sqrt{\|v\|^2 - a^2} \ge 0` and :math:`s = \sqrt{1 - c^2}`. Then
-
-* if :math:`a \ge c\|v\|` (:math:`v` inside the cone), :math:`d^\star = r v/\|v\|`
-  and :math:`\sigma = r\|v\|`;
-* else if :math:`ac + bs > 0`, the maximiser is on the cone's rim in the plane
-  of :math:`\hat g_0` and :math:`v`: :math:`d^\star = r(c\,\hat g_0 + s\,\hat e)`,
-  :math:`\sigma = r(ac + bs)`;
-* else :math:`d^\star = 0` and :math:`\sigma = 0`.
-
-The two first expressions agree on the cone's surface. By Danskin's theorem
-:math:`\partial \sigma(g_w)/\partial w_i = g_i^\top d^\star(w)`, so with
-:math:`d^\star = \sum_k \beta_k g_k` the gradient is :math:`K\beta`, and
-everything (:math:`\|v\|^2 = w^\top K w`, :math:`a = w^\top K \mathbf 1/(T r)`,
-:math:`r^2 = \mathbf 1^\top K \mathbf 1 / T^2`) lives in task space; the
-dual is minimised with :func:`gradops_jax.solvers.minimize_on_simplex`. At the
-optimum :math:`w^\star`, :math:`d^\star(w^\star)` is primal optimal and
-:math:`\min_i g_i^\top d^\star = \sigma(g_{w^\star})` (zero duality gap), which
-the tests check. :math:`c = 1` gives :math:`d = g_0` when every task agrees
-with the mean. Since :math:`0 \in \mathcal C`, the optimum is non-negative;
-when it is zero (no direction in the cone helps every task, e.g. when 0 is in
-the convex hull of the gradients) the maximiser is not unique and
-:math:`d = 0` is returned; a zero mean gradient also gives :math:`d = 0`.
+solved through its dual :math:`\min_{w \in \Delta_T} \sigma_{\mathcal C}(g_w)`
+over the simplex, whose support function has a closed form. The derivation
+(ours: only the paper's abstract was available) is in
+``docs/methods/conicgrad.md``.
 """
 
 import jax
@@ -73,19 +37,18 @@ def _cone_maximiser(scaled, mean, radius, c, w):
   rim = ~inside & (along * c + across * sine > 0)
   inside_beta = radius * w / jnp.maximum(norm, tiny)
   safe_across = jnp.maximum(across, tiny)
-  rim_beta = (radius * c - radius * sine * along / safe_across) / safe_radius * mean + (
-      radius * sine / safe_across
-  ) * w
+  rim_beta = (radius * c - radius * sine * along / safe_across) / safe_radius * mean + (radius * sine / safe_across) * w
   beta = jnp.where(inside & (norm > 0), inside_beta, jnp.where(rim, rim_beta, 0.0))
-  value = jnp.where(
-      inside, radius * norm, jnp.where(rim, radius * (along * c + across * sine), 0.0)
-  )
+  value = jnp.where(inside, radius * norm, jnp.where(rim, radius * (along * c + across * sine), 0.0))
   return beta, value
 
 
 def conicgrad_weights(
-    gram: jax.Array, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000,
-    zero_rtol: float = 0.0,
+  gram: jax.Array,
+  c: float = 0.5,
+  tol: float = 1e-10,
+  max_iters: int = 5000,
+  zero_rtol: float = 0.0,
 ) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""ConicGrad coefficients from the Gram matrix (see the module docstring).
 
@@ -126,7 +89,7 @@ def conicgrad_weights(
 
 
 def scale_by_conicgrad(
-    num_tasks: int, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000
+  num_tasks: int, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000
 ) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with ConicGrad.
 
@@ -162,13 +125,12 @@ def scale_by_conicgrad(
     statement; the derivation is ours).
   """
   return base.stateless_aggregator(
-      num_tasks,
-      lambda gram, input_dtype: conicgrad_weights(
-          gram, c, tol, max_iters, tolerances.input_rank_rtol(num_tasks, input_dtype)
-      ),
-      {
-          "c": (c, validation.UNIT_INTERVAL),
-          "tol": (tol, validation.NONNEGATIVE),
-          "max_iters": (max_iters, validation.POSITIVE_INT),
-      },
+    num_tasks,
+    lambda gram, input_dtype: conicgrad_weights(
+      gram, c, tol, max_iters, tolerances.input_rank_rtol(num_tasks, input_dtype)
+    ),
+    {
+      "c": (c, validation.UNIT_INTERVAL),
+      **validation.solver_hyperparameters(tol, max_iters),
+    },
   )

@@ -16,7 +16,6 @@ open (rank-deficient spans, rounding-length residuals, zero tasks,
 :math:`R_i = 0`, the fallback) are in ``docs/methods/gradops.md``.
 """
 
-
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -84,9 +83,7 @@ class GradOPSState(NamedTuple):
   num_steps: jax.Array
 
 
-def _project_one_task(
-    cosine: jax.Array, active: jax.Array, task: jax.Array, rank_rtol: float
-) -> jax.Array:
+def _project_one_task(cosine: jax.Array, active: jax.Array, task: jax.Array, rank_rtol: float) -> jax.Array:
   """Residual of unit task ``task`` on the other active tasks (unit-normalised basis)."""
   num_tasks = cosine.shape[0]
   unit = jax.nn.one_hot(task, num_tasks, dtype=cosine.dtype)
@@ -121,8 +118,11 @@ def _project_all_tasks(cosine: jax.Array, active: jax.Array) -> jax.Array:
 
 
 def _select_projections(
-    residuals: jax.Array, cosine: jax.Array, active: jax.Array, conflicting: jax.Array,
-    rank_rtol: float,
+  residuals: jax.Array,
+  cosine: jax.Array,
+  active: jax.Array,
+  conflicting: jax.Array,
+  rank_rtol: float,
 ) -> jax.Array:
   r"""Rows :math:`u'_i` of the projection matrix in the unit-normalised basis.
 
@@ -153,8 +153,12 @@ def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> jax.Array
 
 
 def gradops_solve(
-    gram: jax.Array, alpha: Any = 0.0, rank_rtol: Optional[float] = None,
-    mgda_tol: float = 1e-12, mgda_max_iters: int = 2000, input_dtype: Any = jnp.float32,
+  gram: jax.Array,
+  alpha: Any = 0.0,
+  rank_rtol: Optional[float] = None,
+  mgda_tol: float = 1e-12,
+  mgda_max_iters: int = 2000,
+  input_dtype: Any = jnp.float32,
 ) -> GradOPSSolution:
   r"""Solves Algorithm 1 of GradOPS in task space from the Gram matrix.
 
@@ -210,11 +214,11 @@ def gradops_solve(
   shifted = linalg.masked_block(cosine, active) - threshold * jnp.eye(num_tasks, dtype=cosine.dtype)
   well_conditioned = jnp.all(jnp.isfinite(jnp.linalg.cholesky(shifted)))
   residuals = jax.lax.cond(
-      well_conditioned,
-      lambda: _project_all_tasks(cosine, active),
-      lambda: jax.vmap(_project_one_task, in_axes=(None, None, 0, None))(
-          cosine, active, jnp.arange(num_tasks), rank_rtol
-      ),
+    well_conditioned,
+    lambda: _project_all_tasks(cosine, active),
+    lambda: jax.vmap(_project_one_task, in_axes=(None, None, 0, None))(
+      cosine, active, jnp.arange(num_tasks), rank_rtol
+    ),
   )
   unit_projection = _select_projections(residuals, cosine, active, conflicting, rank_rtol)
   # g'_i = n_i u'_i = sum_j (n_i P_ij / n_j) g_j.
@@ -226,26 +230,28 @@ def gradops_solve(
   weights = ((alpha_weights * norms) @ unit_projection) * inverse_norms
 
   mgda_weights, fallback_info = jax.lax.cond(
-      used_fallback,
-      lambda: min_norm.min_norm_simplex_weights(gram, mgda_tol, mgda_max_iters),
-      lambda: (
-          jnp.zeros((num_tasks,), gram.dtype),
-          SolverInfo(jnp.array(True), jnp.array(0, jnp.int32)),
-      ),
+    used_fallback,
+    lambda: min_norm.min_norm_simplex_weights(gram, mgda_tol, mgda_max_iters),
+    lambda: (
+      jnp.zeros((num_tasks,), gram.dtype),
+      SolverInfo(jnp.array(True), jnp.array(0, jnp.int32)),
+    ),
   )
   return GradOPSSolution(
-      weights=jnp.where(used_fallback, mgda_weights, weights),
-      projection=projection,
-      alpha_weights=jnp.where(used_fallback, mgda_weights, alpha_weights),
-      projected=active & conflicting,
-      cosine=cosine,
-      used_fallback=used_fallback,
-      fallback_info=fallback_info,
+    weights=jnp.where(used_fallback, mgda_weights, weights),
+    projection=projection,
+    alpha_weights=jnp.where(used_fallback, mgda_weights, alpha_weights),
+    projected=active & conflicting,
+    cosine=cosine,
+    used_fallback=used_fallback,
+    fallback_info=fallback_info,
   )
 
 
 def scale_by_gradops(
-    num_tasks: int, alpha: Any = 0.0, rank_rtol: Optional[float] = None,
+  num_tasks: int,
+  alpha: Any = 0.0,
+  rank_rtol: Optional[float] = None,
 ) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with GradOPS.
 
@@ -294,39 +300,41 @@ def scale_by_gradops(
 
   def init_state():
     return GradOPSState(
-        weights=jnp.ones((num_tasks,), jnp.float32),
-        alpha_weights=jnp.ones((num_tasks,), jnp.float32),
-        projected=jnp.zeros((num_tasks,), bool),
-        cosine=jnp.eye(num_tasks, dtype=jnp.float32),
-        used_fallback=jnp.zeros((), bool),
-        fallback_count=jnp.zeros((), jnp.int32),
-        converged=jnp.ones((), bool),
-        num_steps=jnp.zeros((), jnp.int32),
+      weights=jnp.ones((num_tasks,), jnp.float32),
+      alpha_weights=jnp.ones((num_tasks,), jnp.float32),
+      projected=jnp.zeros((num_tasks,), bool),
+      cosine=jnp.eye(num_tasks, dtype=jnp.float32),
+      used_fallback=jnp.zeros((), bool),
+      fallback_count=jnp.zeros((), jnp.int32),
+      converged=jnp.ones((), bool),
+      num_steps=jnp.zeros((), jnp.int32),
     )
 
   def solve(gram, state, input_dtype):
     solution = gradops_solve(gram, alpha, rank_rtol, input_dtype=input_dtype)
     return solution.weights, GradOPSState(
-        weights=solution.weights,
-        alpha_weights=solution.alpha_weights,
-        projected=solution.projected,
-        cosine=solution.cosine,
-        used_fallback=solution.used_fallback,
-        fallback_count=state.fallback_count + solution.used_fallback.astype(jnp.int32),
-        converged=solution.fallback_info.converged,
-        num_steps=solution.fallback_info.num_steps,
+      weights=solution.weights,
+      alpha_weights=solution.alpha_weights,
+      projected=solution.projected,
+      cosine=solution.cosine,
+      used_fallback=solution.used_fallback,
+      fallback_count=state.fallback_count + solution.used_fallback.astype(jnp.int32),
+      converged=solution.fallback_info.converged,
+      num_steps=solution.fallback_info.num_steps,
     )
 
   hyperparameters = {
-      "alpha": (alpha, validation.REAL),
-      "rank_rtol": (rank_rtol, validation.OPEN_UNIT_INTERVAL),
+    "alpha": (alpha, validation.REAL),
+    "rank_rtol": (rank_rtol, validation.OPEN_UNIT_INTERVAL),
   }
   return base.gram_aggregator(num_tasks, init_state, solve, hyperparameters)
 
 
 def gradops(
-    learning_rate: optax.ScalarOrSchedule, num_tasks: int, alpha: Any = 0.0,
-    **adam_kwargs: Any,
+  learning_rate: optax.ScalarOrSchedule,
+  num_tasks: int,
+  alpha: Any = 0.0,
+  **adam_kwargs: Any,
 ) -> optax.GradientTransformation:
   r"""GradOPS followed by Adam: the one-liner for stacked per-task gradients.
 
@@ -352,6 +360,4 @@ def gradops(
   References:
     Zhu et al., WSDM 2025 (the paper trains with Adam throughout).
   """
-  return optax.chain(
-      scale_by_gradops(num_tasks, alpha), optax.adam(learning_rate, **adam_kwargs)
-  )
+  return optax.chain(scale_by_gradops(num_tasks, alpha), optax.adam(learning_rate, **adam_kwargs))

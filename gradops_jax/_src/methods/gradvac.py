@@ -30,7 +30,7 @@ class GradVacState(NamedTuple):
 
 
 def gradvac_weights(
-    gram: jax.Array, order: jax.Array, targets: jax.Array, beta: float, zero_rtol: float
+  gram: jax.Array, order: jax.Array, targets: jax.Array, beta: float, zero_rtol: float
 ) -> tuple[jax.Array, jax.Array]:
   r"""GradVac coefficients and updated targets for a given task order.
 
@@ -72,16 +72,15 @@ def gradvac_weights(
     norm = jnp.sqrt(jnp.maximum(coefficients @ gram @ coefficients, 0.0))
     # A modified gradient cancelled down to rounding counts as zero.
     valid = (norm > zero_rtol * norms[task]) & (norms[other] > 0)
-    cosine = jnp.where(
-        valid, coefficients @ gram[:, other] / jnp.where(valid, norm * norms[other], 1.0), 0.0
-    )
+    cosine = jnp.where(valid, coefficients @ gram[:, other] / jnp.where(valid, norm * norms[other], 1.0), 0.0)
     cosine = jnp.clip(cosine, -1.0, 1.0)
     target = row[other]
     target_sine = jnp.sqrt(jnp.maximum(1.0 - target**2, 0.0))
     adjust = valid & (cosine < target) & (target_sine > 0)
     weight = (
-        norm * (target * jnp.sqrt(1.0 - cosine**2) - cosine * target_sine)
-        / jnp.where(adjust, norms[other] * target_sine, 1.0)
+      norm
+      * (target * jnp.sqrt(1.0 - cosine**2) - cosine * target_sine)
+      / jnp.where(adjust, norms[other] * target_sine, 1.0)
     )
     coefficients = coefficients.at[other].add(jnp.where(adjust, weight, 0.0))
     row = row.at[other].set(jnp.where(valid, (1 - beta) * target + beta * cosine, target))
@@ -94,9 +93,7 @@ def gradvac_weights(
   return jnp.sum(coefficients, axis=0), new_targets
 
 
-def scale_by_gradvac(
-    num_tasks: int, beta: float = 1e-2, seed: int = 0
-) -> optax.GradientTransformation:
+def scale_by_gradvac(num_tasks: int, beta: float = 1e-2, seed: int = 0) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with GradVac.
 
   Each task gradient is moved towards every other task until their cosine
@@ -128,20 +125,16 @@ def scale_by_gradvac(
 
   def init_state():
     return GradVacState(
-        key=_surgery.initial_key_data(seed),
-        targets=jnp.zeros((num_tasks, num_tasks), jnp.float32),
-        weights=jnp.zeros((num_tasks,), jnp.float32),
+      key=_surgery.initial_key_data(seed),
+      targets=jnp.zeros((num_tasks, num_tasks), jnp.float32),
+      weights=jnp.zeros((num_tasks,), jnp.float32),
     )
 
   def solve(gram, state, input_dtype):
     key, order = _surgery.next_task_order(state.key, num_tasks)
     coefficients, targets = gradvac_weights(
-        gram, order, state.targets, beta, tolerances.input_rank_rtol(num_tasks, input_dtype)
+      gram, order, state.targets, beta, tolerances.input_rank_rtol(num_tasks, input_dtype)
     )
-    return coefficients, GradVacState(
-        key=key, targets=targets, weights=coefficients
-    )
+    return coefficients, GradVacState(key=key, targets=targets, weights=coefficients)
 
-  return base.gram_aggregator(
-      num_tasks, init_state, solve, {"beta": (beta, validation.UNIT_INTERVAL)}
-  )
+  return base.gram_aggregator(num_tasks, init_state, solve, {"beta": (beta, validation.UNIT_INTERVAL)})

@@ -80,6 +80,4 @@ def scale_by_imtl_g(num_tasks: int) -> optax.GradientTransformation:
     Liu et al., `Towards Impartial Multi-task Learning
     <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021, Sec. 3.2.
   """
-  return base.stateless_aggregator(
-      num_tasks, lambda gram, _: (imtl_g_weights(gram), accelerated.no_iterations())
-  )
+  return base.stateless_aggregator(num_tasks, lambda gram, _: (imtl_g_weights(gram), accelerated.no_iterations()))

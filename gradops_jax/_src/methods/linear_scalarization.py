@@ -1,6 +1,6 @@
 r"""Linear scalarisation: a fixed weighted sum of the task gradients."""
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from gradops_jax._src import validation
 
 
 def scale_by_linear_scalarization(
-    num_tasks: int, weights: Optional[Sequence[float]] = None
+  num_tasks: int, weights: Optional[Sequence[float]] = None
 ) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with fixed weights.
 
@@ -44,13 +44,12 @@ def scale_by_linear_scalarization(
     Even Help? <https://arxiv.org/abs/2209.11379>`_, NeurIPS 2022.
   """
   num_tasks = validation.check_num_tasks(num_tasks)
-  if weights is None:
-    weights = np.full((num_tasks,), 1.0 / num_tasks)
-  if not isinstance(weights, jax.core.Tracer):
-    weights = np.asarray(weights, np.float64)  # full precision for float64 gradients
-  if weights.shape != (num_tasks,):
-    raise ValueError(f"weights must have shape ({num_tasks},), got {weights.shape}.")
-  validation.check_hyperparameter_range("weights", weights)
+  fixed: Any = np.full((num_tasks,), 1.0 / num_tasks) if weights is None else weights
+  if not isinstance(fixed, jax.core.Tracer):
+    fixed = np.asarray(fixed, np.float64)  # full precision for float64 gradients
+  if fixed.shape != (num_tasks,):
+    raise ValueError(f"weights must have shape ({num_tasks},), got {fixed.shape}.")
+  validation.check_hyperparameter_range("weights", fixed)
 
   def init_fn(params):
     validation.check_params(params)
@@ -59,6 +58,6 @@ def scale_by_linear_scalarization(
   def update_fn(task_grads, state, params=None):
     validation.check_task_grads(task_grads, num_tasks, params)
     with jax.enable_x64(True):
-      return passes.combine(task_grads, jnp.asarray(weights, jnp.float64)), state
+      return passes.combine(task_grads, jnp.asarray(fixed, jnp.float64)), state
 
   return optax.GradientTransformation(init_fn, update_fn)

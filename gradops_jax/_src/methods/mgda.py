@@ -7,9 +7,7 @@ from gradops_jax._src import validation
 from gradops_jax._src.solvers import min_norm
 
 
-def scale_by_mgda(
-    num_tasks: int, tol: float = 1e-12, max_iters: int = 2000
-) -> optax.GradientTransformation:
+def scale_by_mgda(num_tasks: int, tol: float = 1e-12, max_iters: int = 2000) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with MGDA.
 
   .. math::
@@ -44,7 +42,7 @@ def scale_by_mgda(
     <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018, Eq. 3 and Sec. 3.1.
   """
   return base.stateless_aggregator(
-      num_tasks,
-      lambda gram, _: min_norm.min_norm_simplex_weights(gram, tol, max_iters),
-      {"tol": (tol, validation.NONNEGATIVE), "max_iters": (max_iters, validation.POSITIVE_INT)},
+    num_tasks,
+    lambda gram, _: min_norm.min_norm_simplex_weights(gram, tol, max_iters),
+    validation.solver_hyperparameters(tol, max_iters),
   )

@@ -12,7 +12,7 @@ RIDGE = 1e-8
 
 
 def nash_mtl_weights(
-    gram: jax.Array, tol: float = 1e-12, max_iters: int = 500
+  gram: jax.Array, tol: float = 1e-12, max_iters: int = 500
 ) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""Nash-MTL coefficients from the Gram matrix.
 
@@ -88,9 +88,7 @@ def nash_mtl_weights(
   return jnp.where(frobenius > 0, alpha, 0.0), info
 
 
-def scale_by_nash_mtl(
-    num_tasks: int, tol: float = 1e-12, max_iters: int = 500
-) -> optax.GradientTransformation:
+def scale_by_nash_mtl(num_tasks: int, tol: float = 1e-12, max_iters: int = 500) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with Nash-MTL.
 
   .. math::
@@ -122,7 +120,7 @@ def scale_by_nash_mtl(
     <https://arxiv.org/abs/2202.01017>`_, ICML 2022, Sec. 3.
   """
   return base.stateless_aggregator(
-      num_tasks,
-      lambda gram, _: nash_mtl_weights(gram, tol, max_iters),
-      {"tol": (tol, validation.NONNEGATIVE), "max_iters": (max_iters, validation.POSITIVE_INT)},
+    num_tasks,
+    lambda gram, _: nash_mtl_weights(gram, tol, max_iters),
+    validation.solver_hyperparameters(tol, max_iters),
   )

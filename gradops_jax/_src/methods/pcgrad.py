@@ -47,9 +47,7 @@ def pcgrad_weights(gram: jax.Array, order: jax.Array) -> jax.Array:
     dot = coefficients @ gram[:, other]
     norm_sq = gram[other, other]
     conflict = (dot < 0) & (norm_sq > 0)
-    return coefficients.at[other].add(
-        -jnp.where(conflict, dot / jnp.where(norm_sq > 0, norm_sq, 1.0), 0.0)
-    )
+    return coefficients.at[other].add(-jnp.where(conflict, dot / jnp.where(norm_sq > 0, norm_sq, 1.0), 0.0))
 
   def init_carry(task):
     return jax.nn.one_hot(task, num_tasks, dtype=gram.dtype)
@@ -92,8 +90,8 @@ def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformati
 
   def init_state():
     return PCGradState(
-        key=_surgery.initial_key_data(seed),
-        weights=jnp.zeros((num_tasks,), jnp.float32),
+      key=_surgery.initial_key_data(seed),
+      weights=jnp.zeros((num_tasks,), jnp.float32),
     )
 
   def solve(gram, state, input_dtype):

@@ -12,7 +12,7 @@ from gradops_jax._src.solvers import nonnegative
 
 
 def upgrad_weights(
-    gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000
+  gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000
 ) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""UPGrad coefficients from the Gram matrix.
 
@@ -45,18 +45,14 @@ def upgrad_weights(
   # very different scales are resolved equally well. Zero gradients decouple.
   unit_quadratic = linalg.masked_block(cosine, norms > 0)
   unit_shifts, info = jax.vmap(
-      lambda column: nonnegative.nonnegative_quadratic_minimizer(
-          unit_quadratic, column, tol, max_iters
-      )
+    lambda column: nonnegative.nonnegative_quadratic_minimizer(unit_quadratic, column, tol, max_iters)
   )(cosine)
   shifts = norms[:, None] * unit_shifts * inverse_norms[None, :]
   weights = jnp.mean(jnp.eye(num_tasks, dtype=gram.dtype) + shifts, axis=0)
   return weights, accelerated.merge_infos(info)
 
 
-def scale_by_upgrad(
-    num_tasks: int, tol: float = 1e-12, max_iters: int = 2000
-) -> optax.GradientTransformation:
+def scale_by_upgrad(num_tasks: int, tol: float = 1e-12, max_iters: int = 2000) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with UPGrad.
 
   .. math::
@@ -88,7 +84,7 @@ def scale_by_upgrad(
     <https://arxiv.org/abs/2406.16232>`_, 2024, Eq. 5 and Proposition 1.
   """
   return base.stateless_aggregator(
-      num_tasks,
-      lambda gram, _: upgrad_weights(gram, tol, max_iters),
-      {"tol": (tol, validation.NONNEGATIVE), "max_iters": (max_iters, validation.POSITIVE_INT)},
+    num_tasks,
+    lambda gram, _: upgrad_weights(gram, tol, max_iters),
+    validation.solver_hyperparameters(tol, max_iters),
   )

@@ -19,18 +19,16 @@ def _check_task_outputs(outputs: Any, num_tasks: int, output_axis: int) -> None:
   if isinstance(outputs, jax.Array) and outputs.ndim and outputs.shape[output_axis] == num_tasks:
     return
   raise ValueError(
-      f"A branched model must return its {num_tasks} task outputs, as a tuple or list "
-      f"of length {num_tasks} or an array with an axis {output_axis} of size {num_tasks}; "
-      f"got {jax.tree.map(jnp.shape, outputs)}."
+    f"A branched model must return its {num_tasks} task outputs, as a tuple or list "
+    f"of length {num_tasks} or an array with an axis {output_axis} of size {num_tasks}; "
+    f"got {jax.tree.map(jnp.shape, outputs)}."
   )
 
 
 def _own_task_outputs(lane_outputs: Any, num_tasks: int, output_axis: int) -> Any:
   """Output t of lane t, for every task t, in the structure of one lane's output."""
   if isinstance(lane_outputs, (tuple, list)):
-    return type(lane_outputs)(
-        jax.tree.map(lambda leaf: leaf[task], lane_outputs[task]) for task in range(num_tasks)
-    )
+    return type(lane_outputs)(jax.tree.map(lambda leaf: leaf[task], lane_outputs[task]) for task in range(num_tasks))
   axis = output_axis % (lane_outputs.ndim - 1)
   own = [jnp.take(lane_outputs[task], task, axis=axis) for task in range(num_tasks)]
   return jnp.stack(own, axis=axis)
@@ -62,24 +60,19 @@ class BranchedModel(nnx.Module):
     self.num_tasks = num_tasks
     self.output_axis = output_axis
     self.branched_paths = nnx.static(tuple(paths))
-    self.branch_copies = nnx.List([
-        nnx.Param(jnp.repeat(values[path][None], num_tasks - 1, axis=0)) for path in paths
-    ])
+    self.branch_copies = nnx.List([nnx.Param(jnp.repeat(values[path][None], num_tasks - 1, axis=0)) for path in paths])
 
   def __call__(self, *args, **kwargs):
     graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
     paths = tuple(self.branched_paths)
     originals = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     stacked = [
-        jnp.concatenate([originals[path][None], copies[...]], axis=0)
-        for path, copies in zip(paths, self.branch_copies)
+      jnp.concatenate([originals[path][None], copies[...]], axis=0) for path, copies in zip(paths, self.branch_copies)
     ]
 
     def task_lane(task_values):
       replacements = dict(zip(paths, task_values))
-      task_params = jax.tree_util.tree_map_with_path(
-          lambda path, value: replacements.get(path, value), params
-      )
+      task_params = jax.tree_util.tree_map_with_path(lambda path, value: replacements.get(path, value), params)
       model = nnx.merge(graphdef, task_params, rest, copy=True)
       outputs = model(*args, **kwargs)
       _check_task_outputs(outputs, self.num_tasks, self.output_axis)
@@ -91,11 +84,11 @@ class BranchedModel(nnx.Module):
 
 
 def branch_layers(
-    model: nnx.Module,
-    layers: Sequence[str],
-    num_tasks: int,
-    layer_name: Callable[[tuple], str] = default_layer_name,
-    output_axis: int = 0,
+  model: nnx.Module,
+  layers: Sequence[str],
+  num_tasks: int,
+  layer_name: Callable[[tuple], str] = default_layer_name,
+  output_axis: int = 0,
 ) -> tuple:
   r"""Turns the given shared layers of an NNX model into task-specific ones (Recon).
 
@@ -162,9 +155,7 @@ def branch_layers(
   return BranchedModel(model, paths, num_tasks, output_axis), added
 
 
-def shared_mask(
-    model: BranchedModel, task_specific: Optional[Callable[[tuple], bool]] = None
-) -> Callable[[Any], Any]:
+def shared_mask(model: BranchedModel, task_specific: Optional[Callable[[tuple], bool]] = None) -> Callable[[Any], Any]:
   """The ``shared`` argument of :func:`gradops_jax.aggregate_shared` for a branched model.
 
   A parameter is shared unless it belongs to a branched layer (task 0's

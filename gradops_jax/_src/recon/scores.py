@@ -89,16 +89,16 @@ def default_layer_name(path: tuple) -> str:
 
 def _layers(tree: Any, layer_name: Callable[[tuple], str]) -> dict:
   """Layer name -> indices of its leaves, in leaf order."""
-  layers = {}
+  layers: dict[str, list[int]] = {}
   for index, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
     layers.setdefault(layer_name(path), []).append(index)
   return layers
 
 
 def layer_conflict_scores(
-    num_tasks: int,
-    threshold: float = 0.0,
-    layer_name: Callable[[tuple], str] = default_layer_name,
+  num_tasks: int,
+  threshold: float = 0.0,
+  layer_name: Callable[[tuple], str] = default_layer_name,
 ) -> optax.GradientTransformation:
   r"""Counts, per layer, the task pairs whose gradients conflict (Recon's score).
 
@@ -156,8 +156,8 @@ def layer_conflict_scores(
     layers = _layers(task_grads, layer_name)
     if set(layers) != set(state.counts):
       raise ValueError(
-          "The layers of the task gradients differ from those of the state: "
-          f"gradients have {sorted(layers)}, the state has {sorted(state.counts)}."
+        "The layers of the task gradients differ from those of the state: "
+        f"gradients have {sorted(layers)}, the state has {sorted(state.counts)}."
       )
     leaves = jax.tree.leaves(task_grads)
     pairs = jnp.triu(jnp.ones((num_tasks, num_tasks), bool), k=1)
@@ -197,15 +197,13 @@ def find_conflict_state(opt_state: Any) -> LayerConflictState:
   found = [node for node in found if isinstance(node, LayerConflictState)]
   if len(found) != 1:
     raise TypeError(
-        f"Expected an optimiser state holding exactly one LayerConflictState, found {len(found)} "
-        f"in a {type(opt_state).__name__}."
+      f"Expected an optimiser state holding exactly one LayerConflictState, found {len(found)} "
+      f"in a {type(opt_state).__name__}."
     )
   return found[0]
 
 
-def select_layers(
-    state: LayerConflictState, k: Optional[int] = None, quantile: Optional[float] = None
-) -> list:
+def select_layers(state: LayerConflictState, k: Optional[int] = None, quantile: Optional[float] = None) -> list:
   r"""The layers with the highest conflict scores, highest first.
 
   Either the top ``k`` layers, or every layer whose score is at least the
@@ -239,18 +237,18 @@ def select_layers(
   if (k is None) == (quantile is None):
     raise ValueError("Give exactly one of k and quantile.")
   ranked = sorted(
-      ((name, int(count)) for name, count in state.counts.items()),
-      key=lambda item: (-item[1], item[0]),
+    ((name, int(count)) for name, count in state.counts.items()),
+    key=lambda item: (-item[1], item[0]),
   )
   if k is not None:
     if isinstance(k, bool) or not isinstance(k, int):
       raise TypeError(f"k must be an int, got {k!r}.")
     if not 1 <= k <= len(ranked):
       raise ValueError(
-          f"k must be in [1, {len(ranked)}] (the number of scored layers), got {k}; "
-          f"the layers are {[name for name, _ in ranked]}."
+        f"k must be in [1, {len(ranked)}] (the number of scored layers), got {k}; "
+        f"the layers are {[name for name, _ in ranked]}."
       )
     return ranked[:k]
   validation.check_hyperparameter_range("quantile", quantile, 0.0, 1.0)
-  cutoff = np.quantile([score for _, score in ranked], quantile)
+  cutoff = np.quantile([score for _, score in ranked], float(quantile))  # type: ignore[arg-type]
   return [(name, score) for name, score in ranked if score >= cutoff and score > 0]

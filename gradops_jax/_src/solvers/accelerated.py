@@ -50,13 +50,13 @@ TrialFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any, jax.Array, jax.
 
 
 def accelerated_descent(
-    trial: TrialFn,
-    evaluate: Callable[[jax.Array], Any],
-    gap: Callable[[jax.Array, Any], jax.Array],
-    start: jax.Array,
-    tol: float,
-    max_iters: int,
-    step_size: float = 1.0,
+  trial: TrialFn,
+  evaluate: Callable[[jax.Array], Any],
+  gap: Callable[[jax.Array, Any], jax.Array],
+  start: jax.Array,
+  tol: float,
+  max_iters: int,
+  step_size: float = 1.0,
 ) -> tuple[jax.Array, SolverInfo]:
   r"""Accelerated projected gradient with adaptive restart.
 
@@ -100,24 +100,22 @@ def accelerated_descent(
     extrapolated = candidate + ((state.momentum - 1.0) / next_momentum) * (candidate - state.iterate)
     restart = evaluation[0] > state.evaluation[0]
     moved = (
-        candidate,
-        evaluation,
-        jnp.where(restart, candidate, extrapolated),
-        jnp.where(restart, 1.0, next_momentum),
+      candidate,
+      evaluation,
+      jnp.where(restart, candidate, extrapolated),
+      jnp.where(restart, 1.0, next_momentum),
     )
     kept = (state.iterate, state.evaluation, state.point, state.momentum)
-    iterate, evaluation, point, momentum = jax.tree.map(
-        lambda new, old: jnp.where(accepted, new, old), moved, kept
-    )
+    iterate, evaluation, point, momentum = jax.tree.map(lambda new, old: jnp.where(accepted, new, old), moved, kept)
     return AcceleratedState(state.num_steps + 1, iterate, evaluation, point, momentum, next_step_size)
 
   init = AcceleratedState(
-      num_steps=jnp.array(0, jnp.int32),
-      iterate=start,
-      evaluation=evaluate(start),
-      point=start,
-      momentum=jnp.array(1.0, dtype),
-      step_size=jnp.array(step_size, dtype),
+    num_steps=jnp.array(0, jnp.int32),
+    iterate=start,
+    evaluation=evaluate(start),
+    point=start,
+    momentum=jnp.array(1.0, dtype),
+    step_size=jnp.array(step_size, dtype),
   )
   final = jax.lax.while_loop(cond_fn, body_fn, init)
   converged = gap(final.iterate, final.evaluation) <= tol

@@ -62,14 +62,12 @@ def _solve_on_support(cosine, scales, support) -> _SupportSolution:
   curvatures, vectors = jnp.linalg.eigh((reduced + reduced.T) / 2)
   slopes = vectors.T @ (projector @ (cosine @ particular))
   flat = curvatures <= 2 * tolerances.rounding_bound(num_tasks, jnp.max(jnp.abs(cosine)))
-  sloped = flat & (
-      jnp.abs(slopes) > tolerances.rounding_bound(num_tasks, jnp.max(jnp.abs(cosine) @ particular))
-  )
+  sloped = flat & (jnp.abs(slopes) > tolerances.rounding_bound(num_tasks, jnp.max(jnp.abs(cosine) @ particular)))
   steps = jnp.where(flat, 0.0, slopes / jnp.where(flat, 1.0, curvatures))
   return _SupportSolution(
-      solution=jnp.where(support, particular - vectors @ steps, 0.0),
-      descent=jnp.where(support, -(vectors @ jnp.where(sloped, slopes, 0.0)), 0.0),
-      bounded=~jnp.any(sloped),
+    solution=jnp.where(support, particular - vectors @ steps, 0.0),
+    descent=jnp.where(support, -(vectors @ jnp.where(sloped, slopes, 0.0)), 0.0),
+    bounded=~jnp.any(sloped),
   )
 
 
@@ -118,11 +116,7 @@ def _polish(cosine, scales, a, tol):
     clipped = jnp.maximum(solution, 0.0)
     total = scales @ clipped
     clipped = clipped / jnp.where(total > 0, total, 1.0)
-    nonnegative = (
-        bounded
-        & jnp.all(solution >= -1e-9 * jnp.max(jnp.abs(solution)))
-        & (jnp.abs(total - 1.0) <= 1e-6)
-    )
+    nonnegative = bounded & jnp.all(solution >= -1e-9 * jnp.max(jnp.abs(solution))) & (jnp.abs(total - 1.0) <= 1e-6)
     rounding = _scaled_simplex_gap_rounding(cosine, scales, clipped)
     found = nonnegative & (_scaled_simplex_gap(cosine, scales, clipped) <= jnp.maximum(bound, rounding))
     # Non-negative, not optimal: add the most violating task.
@@ -139,12 +133,12 @@ def _polish(cosine, scales, a, tol):
     target = jnp.where(bounded, solution, state.point + reach * descent)
     moved, shrunk = active_set.step_to_first_zero(state.point, target, state.support)
     return _PolishState(
-        num_steps=state.num_steps + 1,
-        point=jnp.where(nonnegative, clipped, moved),
-        support=jnp.where(nonnegative, grown, shrunk),
-        done=found | (nonnegative & ~can_enter),
-        best=jnp.where(found, clipped, state.best),
-        found=state.found | found,
+      num_steps=state.num_steps + 1,
+      point=jnp.where(nonnegative, clipped, moved),
+      support=jnp.where(nonnegative, grown, shrunk),
+      done=found | (nonnegative & ~can_enter),
+      best=jnp.where(found, clipped, state.best),
+      found=state.found | found,
     )
 
   init = _PolishState(jnp.array(0, jnp.int32), a, a > 0, jnp.array(False), a, jnp.array(False))
@@ -153,7 +147,7 @@ def _polish(cosine, scales, a, tol):
 
 
 def min_norm_simplex_weights(
-    gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000
+  gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000
 ) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""Weights of the min-norm point in the convex hull of the task gradients.
 
@@ -198,12 +192,16 @@ def min_norm_simplex_weights(
     return a @ cosine @ a
 
   trial = accelerated.fixed_step_trial(
-      objective,
-      lambda point: simplex.project_onto_scaled_simplex(point - (cosine @ point) / lipschitz, scales),
+    objective,
+    lambda point: simplex.project_onto_scaled_simplex(point - (cosine @ point) / lipschitz, scales),
   )
   a, info = accelerated.accelerated_descent(
-      trial, lambda a: (objective(a),), lambda a, _: _scaled_simplex_gap(cosine, scales, a),
-      start, tol, max_iters,
+    trial,
+    lambda a: (objective(a),),
+    lambda a, _: _scaled_simplex_gap(cosine, scales, a),
+    start,
+    tol,
+    max_iters,
   )
   a, found = _polish(cosine, scales, a, tol)
   weights = scales * a

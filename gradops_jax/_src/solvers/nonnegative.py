@@ -84,27 +84,30 @@ def _polish(quadratic, linear, v, tol):
     moved, shrunk = active_set.step_to_first_zero(point, solution, free)
     dropped_at_once = free & ~shrunk & (point == 0)
     return _PolishState(
-        num_steps=state.num_steps + 1,
-        point=jnp.where(positive, clipped, moved),
-        free=jnp.where(positive, grown, shrunk),
-        blocked=jnp.where(
-            positive, blocked & ~jnp.any(free & ~blocked & (point == 0)), blocked | dropped_at_once
-        ),
-        done=positive & (~can_enter | (residual <= jnp.maximum(tol, error))),
-        best=jnp.where(better, clipped, state.best),
-        best_residual=jnp.minimum(residual, state.best_residual),
+      num_steps=state.num_steps + 1,
+      point=jnp.where(positive, clipped, moved),
+      free=jnp.where(positive, grown, shrunk),
+      blocked=jnp.where(positive, blocked & ~jnp.any(free & ~blocked & (point == 0)), blocked | dropped_at_once),
+      done=positive & (~can_enter | (residual <= jnp.maximum(tol, error))),
+      best=jnp.where(better, clipped, state.best),
+      best_residual=jnp.minimum(residual, state.best_residual),
     )
 
   init = _PolishState(
-      jnp.array(0, jnp.int32), v, v > 0, jnp.zeros_like(v, dtype=bool), jnp.array(False), v,
-      _kkt_residual(quadratic, linear, v),
+    jnp.array(0, jnp.int32),
+    v,
+    v > 0,
+    jnp.zeros_like(v, dtype=bool),
+    jnp.array(False),
+    v,
+    _kkt_residual(quadratic, linear, v),
   )
   final = jax.lax.while_loop(cond_fn, body_fn, init)
   return final.best, final.done
 
 
 def nonnegative_quadratic_minimizer(
-    quadratic: jax.Array, linear: jax.Array, tol: float = 1e-12, max_iters: int = 2000
+  quadratic: jax.Array, linear: jax.Array, tol: float = 1e-12, max_iters: int = 2000
 ) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""Minimiser of a convex quadratic over the non-negative orthant.
 
@@ -137,11 +140,15 @@ def nonnegative_quadratic_minimizer(
     return 0.5 * v @ quadratic @ v + linear @ v
 
   trial = accelerated.fixed_step_trial(
-      objective, lambda point: jnp.maximum(point - (quadratic @ point + linear) / lipschitz, 0.0)
+    objective, lambda point: jnp.maximum(point - (quadratic @ point + linear) / lipschitz, 0.0)
   )
   v, info = accelerated.accelerated_descent(
-      trial, lambda v: (objective(v),), lambda v, _: _kkt_residual(quadratic, linear, v),
-      jnp.zeros_like(linear), tol, max_iters,
+    trial,
+    lambda v: (objective(v),),
+    lambda v, _: _kkt_residual(quadratic, linear, v),
+    jnp.zeros_like(linear),
+    tol,
+    max_iters,
   )
   v, done = _polish(quadratic, linear, v, tol)
   return v, accelerated.SolverInfo(info.converged | done, info.num_steps)

@@ -57,8 +57,11 @@ def project_onto_scaled_simplex(v: jax.Array, s: jax.Array) -> jax.Array:
 
 
 def minimize_on_simplex(
-    value_and_grad: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
-    num_tasks: int, dtype: Any, tol: float = 1e-10, max_iters: int = 5000,
+  value_and_grad: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+  num_tasks: int,
+  dtype: Any,
+  tol: float = 1e-10,
+  max_iters: int = 5000,
 ) -> tuple[jax.Array, accelerated.SolverInfo]:
   r"""Minimiser of a convex function over the probability simplex.
 
@@ -91,10 +94,7 @@ def minimize_on_simplex(
     # near the minimiser the decrease falls below it, and without the slack
     # every trial would be rejected and the step size halved to nothing.
     slack = 4 * eps * (jnp.abs(point_value) + jnp.abs(candidate_value))
-    accept = (
-        candidate_value
-        <= point_value + point_gradient @ move + (move @ move) / (2 * step_size) + slack
-    )
+    accept = candidate_value <= point_value + point_gradient @ move + (move @ move) / (2 * step_size) + slack
     next_step_size = jnp.where(accept, 1.2 * step_size, 0.5 * step_size)
     return candidate, (candidate_value, candidate_gradient), accept, next_step_size
 

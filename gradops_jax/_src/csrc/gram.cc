@@ -1,10 +1,4 @@
-// The two passes of every aggregator over a (T, D) float32 or float64 array, as
-// XLA FFI handlers for the CPU (see gradops_jax/cpu_kernels.py): its Gram
-// matrix in float64, and the linear combination of its rows.
-//
-// Both cut the columns into chunks that depend only on (T, D); the calling
-// thread and helpers on XLA's intra-op thread pool take chunks until none is
-// left (RunChunks).
+// The Gram pass as an XLA FFI handler for the CPU (see gradops_jax/_src/kernels.py).
 //
 // Gram. K[i][j] = sum_k x[i][k] * x[j][k], accumulated in double. The product
 // of two float32 numbers is exact in double, so for float32 input the only
@@ -21,36 +15,23 @@
 // stays in the level-1 cache, from which the off-diagonal tiles read. Each
 // chunk has its own partial matrix; they are added up in chunk order, so
 // the result does not depend on the number of threads or on timing.
-//
-// Combine. out[k] = sum_t (x[t][k] * a[t]) * b[t], in the input's dtype,
-// task after task, rounded as written (built with -ffp-contract=off): the sum
-// that gradops_jax.gram.combine's XLA loop writes.
-// Before writing, it asks the kernel to back the output with transparent
-// huge pages (madvise): a fresh output of tens of megabytes is otherwise
-// faulted in page by page, 4 KiB at a time, which took as long as reading
-// the input (see the module docstring of cpu_kernels.py).
-
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <atomic>
-#include <condition_variable>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
+#include "chunk_runner.h"
 #include "xla/ffi/api/ffi.h"
 
-namespace ffi = xla::ffi;
-
 namespace {
+
+using gradops_jax::RunChunks;
+namespace ffi = xla::ffi;
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 8;
@@ -58,8 +39,8 @@ constexpr int kLanes = 8;
 constexpr int kLanes = 4;
 #endif
 // Largest tile of task pairs: kMaxTile^2 vector accumulators stay in registers
-// with AVX-512 (32 vector registers). With 16 (AVX2), GCC spills some; on this
-// machine's AVX2 build, smaller tiles that fit were slower still.
+// with AVX-512 (32 vector registers). With 16 (AVX2), GCC spills some, yet
+// smaller tiles that fit measured slower still.
 constexpr int kMaxTile = 4;
 
 typedef double Vec __attribute__((vector_size(kLanes * sizeof(double))));
@@ -114,8 +95,8 @@ inline double Sum(Vec v) {
 // entry's kLanes partial sums. Converts the rows to double as it reads them;
 // if kStore, also stores them (`stride` doubles apart) into `converted`.
 //
-// The tile functions are not inlined: inlined into the block loop, GCC kept
-// the accumulators in memory, which made the kernel 1.5 times slower.
+// The tile functions are not inlined: inlined into the block loop, GCC keeps
+// the accumulators in memory.
 template <int N, bool kStore, typename In>
 __attribute__((noinline)) void AddDiagonalTile(const In* const* rows, int64_t width,
                                                double* converted, int64_t stride,
@@ -252,44 +233,6 @@ void PartialGram(const In* x, int64_t tasks, int64_t length, int64_t begin, int6
 constexpr int64_t kElementsPerChunk = int64_t{1} << 18;
 constexpr int64_t kMaxGramChunks = 64;
 
-// The chunks of one call, shared by the calling thread and the tasks it
-// schedules on XLA's thread pool, which may start after the call has ended
-// (they then find no chunk left and never call `body`).
-struct Chunks {
-  std::function<void(int64_t)> body;
-  int64_t count;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  // Runs chunks until none is left; returns after its last chunk.
-  void Run() {
-    for (int64_t chunk; (chunk = next.fetch_add(1)) < count;) {
-      body(chunk);
-      if (done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-};
-
-// Calls body(chunk) for every chunk in [0, count), on the calling thread and
-// on helpers from the pool, and returns when all calls have returned. The
-// caller works until no chunk is left, then waits only for chunks that
-// helpers have started.
-void RunChunks(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> body) {
-  auto chunks = std::make_shared<Chunks>();
-  chunks->body = std::move(body);
-  chunks->count = count;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([chunks] { chunks->Run(); });
-  chunks->Run();
-  std::unique_lock<std::mutex> lock(chunks->mutex);
-  chunks->finished.wait(lock, [&] { return chunks->done.load() == count; });
-}
-
 template <typename In>
 void Gram(const In* x, int64_t tasks, int64_t length, ffi::ThreadPool& pool, double* out) {
   // T <= 4: one tile of exactly T rows. Else tiles of 3 or 4 rows, whichever
@@ -329,103 +272,11 @@ void Gram(const In* x, int64_t tasks, int64_t length, ffi::ThreadPool& pool, dou
     }
 }
 
-// Size of a transparent huge page (x86-64, and arm64 with 4 KiB pages).
-constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-
-// Asks for transparent huge pages for the whole huge pages inside
-// [data, data + bytes). Only a hint: the kernel ignores it where THP is off.
-void AdviseHugePages(void* data, int64_t bytes) {
-#if defined(MADV_HUGEPAGE)
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
-// Columns per chunk of the combine, and per block inside a chunk: a block of
-// the output (4 or 8 KiB) stays in the level-1 cache while the tasks are
-// added to it, up to kCombineGroup tasks per pass over the block.
-constexpr int64_t kCombineColumnsPerChunk = int64_t{1} << 16;
-constexpr int64_t kCombineBlock = 1024;
-constexpr int kCombineGroup = 4;
-
-// Adds the terms (rows[t][k] * a[t]) * b[t] of N tasks to out[k] for k in
-// [start, stop), one task after the other; kFirst: out starts at the first term.
-template <int N, bool kFirst, typename T>
-void AddTasks(const T* const* rows, const T* a, const T* b, int64_t start, int64_t stop,
-              T* __restrict__ out) {
-  const T* row[N];
-  T at[N], bt[N];
-  for (int t = 0; t < N; ++t) {
-    row[t] = rows[t];
-    at[t] = a[t];
-    bt[t] = b[t];
-  }
-  for (int64_t k = start; k < stop; ++k) {
-    T total = kFirst ? (row[0][k] * at[0]) * bt[0] : out[k] + (row[0][k] * at[0]) * bt[0];
-    for (int t = 1; t < N; ++t) total = total + (row[t][k] * at[t]) * bt[t];
-    out[k] = total;
-  }
-}
-
-template <bool kFirst, typename T>
-void AddGroup(int count, const T* const* rows, const T* a, const T* b, int64_t start, int64_t stop,
-              T* out) {
-  switch (count) {
-    case 1: AddTasks<1, kFirst>(rows, a, b, start, stop, out); break;
-    case 2: AddTasks<2, kFirst>(rows, a, b, start, stop, out); break;
-    case 3: AddTasks<3, kFirst>(rows, a, b, start, stop, out); break;
-    default: AddTasks<kCombineGroup, kFirst>(rows, a, b, start, stop, out);
-  }
-}
-
-// out[k] = sum_t (x[t][k] * a[t]) * b[t] for k in [begin, end), task after task.
-template <typename T>
-void PartialCombine(const T* x, const T* a, const T* b, int64_t tasks, int64_t length,
-                    int64_t begin, int64_t end, T* out) {
-  std::vector<const T*> rows(tasks);
-  for (int64_t t = 0; t < tasks; ++t) rows[t] = x + t * length;
-  for (int64_t start = begin; start < end; start += kCombineBlock) {
-    const int64_t stop = std::min(end, start + kCombineBlock);
-    for (int64_t t0 = 0; t0 < tasks; t0 += kCombineGroup) {
-      const int count = static_cast<int>(std::min<int64_t>(kCombineGroup, tasks - t0));
-      if (t0 == 0)
-        AddGroup<true>(count, rows.data(), a, b, start, stop, out);
-      else
-        AddGroup<false>(count, rows.data() + t0, a + t0, b + t0, start, stop, out);
-    }
-  }
-}
-
-template <typename T>
-void Combine(const T* x, const T* a, const T* b, int64_t tasks, int64_t length,
-             ffi::ThreadPool& pool, T* out) {
-  AdviseHugePages(out, length * static_cast<int64_t>(sizeof(T)));
-  const int64_t num_chunks = (length + kCombineColumnsPerChunk - 1) / kCombineColumnsPerChunk;
-  RunChunks(pool, num_chunks, [&](int64_t chunk) {
-    const int64_t begin = chunk * kCombineColumnsPerChunk;
-    PartialCombine(x, a, b, tasks, length, begin, std::min(length, begin + kCombineColumnsPerChunk), out);
-  });
-}
-
 template <ffi::DataType In>
 ffi::Error GramImpl(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::ResultBuffer<ffi::F64> out) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("gram_kernel: expected a (T, D) array");
   Gram(x.typed_data(), dims[0], dims[1], pool, out->typed_data());
-  return ffi::Error::Success();
-}
-
-template <ffi::DataType In>
-ffi::Error CombineImpl(ffi::ThreadPool pool, ffi::Buffer<In> x, ffi::Buffer<In> a, ffi::Buffer<In> b,
-                       ffi::ResultBuffer<In> out) {
-  const auto dims = x.dimensions();
-  const auto count = [](size_t n) { return static_cast<int64_t>(n); };
-  if (dims.size() != 2 || count(a.element_count()) != dims[0] || count(b.element_count()) != dims[0] ||
-      count(out->element_count()) != dims[1])
-    return ffi::Error::InvalidArgument("combine_kernel: expected (T, D), (T,), (T,) -> (D,)");
-  if (dims[0] > 0)
-    Combine(x.typed_data(), a.typed_data(), b.typed_data(), dims[0], dims[1], pool, out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -435,8 +286,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GramF32, GramImpl<ffi::F32>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F64>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GramF64, GramImpl<ffi::F64>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F64>>().Ret<ffi::Buffer<ffi::F64>>());
-
-#define COMBINE_BINDING(T) \
-  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<T>>()
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CombineF32, CombineImpl<ffi::F32>, COMBINE_BINDING(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CombineF64, CombineImpl<ffi::F64>, COMBINE_BINDING(ffi::F64));
