@@ -27,6 +27,7 @@ from gradops_jax._src.partition import aggregate_shared
 from gradops_jax._src.passes import combine
 from gradops_jax._src.passes import leaf_gram
 from gradops_jax._src.passes import task_gram
+from gradops_jax._src.solvers.accelerated import SolverInfo
 from gradops_jax._src.solvers.simplex import project_onto_simplex
 from gradops_jax._src.task_gradients import nnx_value_and_task_grads
 from gradops_jax._src.task_gradients import value_and_task_grads
@@ -39,6 +40,7 @@ __all__ = (
   "GradOPSState",
   "GradVacState",
   "PCGradState",
+  "SolverInfo",
   "WeightsState",
   "aggregate_shared",
   "combine",

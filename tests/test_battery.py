@@ -8,6 +8,7 @@ import pytest
 
 import gradops_jax
 from tests import cases as cases_lib
+from tests import jitting
 from tests.registry import METHODS
 
 CASES = cases_lib.hard_cases()
@@ -44,7 +45,8 @@ def test_finite_and_shaped_on_hard_inputs(method, name):
   matrix = CASES[name]
   tree = cases_lib.split_into_pytree(matrix) if matrix.shape[1] >= 13 else {"w": matrix}
   tree = jax.tree.map(jnp.asarray, tree)
-  updates = _update(METHODS[method][0](matrix.shape[0]), tree)
+  updates, _ = jitting.update(METHODS[method][0], tree)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, jax.tree.map(lambda leaf: leaf[0], tree))
   chex.assert_tree_all_finite(updates)
 
 
@@ -70,7 +72,7 @@ def test_task_permutation_invariance(method):
 def test_non_conflicting_update(method, name):
   matrix = CASES[name]
   grads = matrix.astype(np.float64)
-  update = _flat(_update(METHODS[method][0](matrix.shape[0]), {"w": jnp.asarray(matrix)}))
+  update = _flat(jitting.update(METHODS[method][0], {"w": jnp.asarray(matrix)})[0])
   norms = np.linalg.norm(grads, axis=1)
   assert np.all(grads @ update >= -1e-5 * norms * max(np.linalg.norm(update), norms.max()))
 
@@ -80,7 +82,7 @@ def test_non_conflicting_update(method, name):
 def test_conicgrad_update_stays_in_its_cone(name, c):
   matrix = CASES[name]
   grads = matrix.astype(np.float64)
-  update = _flat(_update(gradops_jax.scale_by_conicgrad(matrix.shape[0], c=c), {"w": jnp.asarray(matrix)}))
+  update = _flat(jitting.update(gradops_jax.scale_by_conicgrad, {"w": jnp.asarray(matrix)}, c=c)[0])
   g0 = grads.mean(axis=0)
   tol = 1e-5 * np.linalg.norm(grads, axis=1).max() * np.linalg.norm(g0)
   assert g0 @ update >= c * np.linalg.norm(g0) * np.linalg.norm(update) - tol

@@ -13,6 +13,7 @@ from gradops_jax import default_rank_rtol
 # White-box: the one-inverse fast path against the general per-task path.
 from gradops_jax._src.methods.gradops import _project_all_tasks, _project_one_task
 from tests import cases as cases_lib
+from tests import jitting
 from tests import reference
 
 CASES = cases_lib.hard_cases()
@@ -44,8 +45,10 @@ def _run(matrix, alpha=0.0, tx=None):
   num_tasks = matrix.shape[0]
   tree = _to_tree(matrix)
   params = _params_like(tree)
-  tx = tx or gradops_jax.scale_by_gradops(num_tasks, alpha)
-  updates, state = jax.jit(tx.update)(tree, tx.init(params), params)
+  if tx is None:
+    updates, state = jitting.update(gradops_jax.scale_by_gradops, tree, alpha=alpha)
+  else:
+    updates, state = jax.jit(tx.update)(tree, tx.init(params), params)
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
   return _flatten_update(updates), state, _flatten_tasks(tree, num_tasks)
 

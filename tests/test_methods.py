@@ -11,6 +11,7 @@ from gradops_jax import default_rank_rtol
 from gradops_jax import weightings
 
 from tests import cases as cases_lib
+from tests import jitting
 from tests import reference
 
 RIDGE = 1e-8  # Nash-MTL's documented ridge (docs/methods/nash_mtl.md)
@@ -26,6 +27,13 @@ def _apply(tx, matrix):
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
   chex.assert_tree_all_finite(updates)
   return np.asarray(updates["w"], np.float64), state
+
+
+def _apply_traced(factory, matrix, **hyperparameters):
+  """The update with traced hyperparameters: one compiled program for every value swept."""
+  updates, _ = jitting.update(factory, {"w": jnp.asarray(matrix)}, **hyperparameters)
+  chex.assert_tree_all_finite(updates)
+  return np.asarray(updates["w"], np.float64)
 
 
 def _assert_close(update, expected, grads, coefficients, rtol=1e-5):
@@ -165,8 +173,7 @@ def test_gradvac_first_step_is_pcgrad():
 def test_cagrad_is_at_least_as_good_as_official_slsqp(name, c):
   """CAGrad's primal: maximise min_i g_i . d over ||d - g0|| <= c ||g0||."""
   grads = CASES[name].astype(np.float64)
-  num_tasks = grads.shape[0]
-  update, _ = _apply(gradops_jax.scale_by_cagrad(num_tasks, c=c), CASES[name])
+  update = _apply_traced(gradops_jax.scale_by_cagrad, CASES[name], c=c)
   expected, _ = reference.cagrad_reference(grads, c)
   d, d_ref = update * (1 + c**2), expected * (1 + c**2)
   g0 = grads.mean(axis=0)
@@ -187,7 +194,7 @@ def test_conicgrad_optimality_conditions(name, c):
 
   grads = CASES[name].astype(np.float64)
   num_tasks = grads.shape[0]
-  update, _ = _apply(gradops_jax.scale_by_conicgrad(num_tasks, c=c), CASES[name])
+  update = _apply_traced(gradops_jax.scale_by_conicgrad, CASES[name], c=c)
   g0 = grads.mean(axis=0)
   radius = np.linalg.norm(g0)
   norms = np.linalg.norm(grads, axis=1)

@@ -27,7 +27,7 @@ def _labels(shared_mask: Any, tree: Any) -> Any:
   """``"shared"``/``"task_specific"`` labels, checked against ``tree``'s structure."""
   mask_leaves, mask_def = jax.tree_util.tree_flatten(shared_mask)
   tree_paths, tree_def = jax.tree_util.tree_flatten_with_path(tree)
-  if not mask_def == tree_def:
+  if not mask_def == tree_def:  # type: ignore[operator]
     raise ValueError(
       "shared must have the structure of the parameters; got shared structure "
       f"{mask_def} and parameter structure {tree_def}."

@@ -128,7 +128,7 @@ def check_task_grads(task_grads: Any, num_tasks: int, params: Any = None) -> Non
   param_leaves = None
   if params is not None:
     param_leaves, params_def = jax.tree_util.tree_flatten(params)
-    if not params_def == grads_def:
+    if not params_def == grads_def:  # type: ignore[operator]
       raise TypeError(
         "task_grads must have the structure of params; got task_grads "
         f"structure {grads_def} and params structure {params_def}."
