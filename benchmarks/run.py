@@ -360,7 +360,7 @@ def bench_scaling(sizes, tasks, fixed_size, fixed_tasks, repeats):
     ours, floor = times["ours"], times["floor"]
     gram = jnp.asarray(np.cov(np.random.default_rng(0).standard_normal((num_tasks, 4 * num_tasks))))
     with jax.enable_x64(True):
-      solve = jax.jit(lambda k: gradops_jax.gradops_solve(k.astype(jnp.float64)).coefficients)
+      solve = jax.jit(lambda k: gradops_jax.gradops_solve(k.astype(jnp.float64)).weights)
       solve_time = median_time(solve, gram, repeats=repeats)
     by_tasks.append(
       {

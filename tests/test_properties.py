@@ -47,6 +47,7 @@ from hypothesis import given
 import gradops_jax
 from gradops_jax import default_rank_rtol
 from tests import reference
+from tests import registry
 from tests import regressions
 from tests import strategies
 from tests.registry import METHODS
@@ -373,7 +374,7 @@ def test_linear_scalarization(example):
   _assert_agrees(example, update, expected, _delta(example) * _size(np.full(num_tasks, 1 / num_tasks), grads))
 
 
-@pytest.mark.parametrize("method", ["imtl_g", "gradvac", "nash_mtl"])
+@pytest.mark.parametrize("method", [spec.name for spec in registry.SPECS if spec.guarantee == "finite"])
 @given(example=strategies.task_gradients())
 def test_finite_and_shaped(method, example):
   """The methods without a guarantee checkable on every input (IMTL-G's

@@ -1,47 +1,16 @@
-r"""The two passes over the gradients on CPU: small C++ kernels called through the XLA FFI.
+r"""The two passes on CPU as small C++ kernels called through the XLA FFI: building and caching.
 
-Every aggregator reads the stacked ``(T, D)`` gradients twice: once for their
-:math:`T \times T` Gram matrix, once for the update
-:math:`\sum_k \beta_k g_k`. On CPU, ``csrc/gram.cc`` and ``csrc/combine.cc``
-(with the chunk runner they share, ``csrc/chunk_runner.h``) do both.
-
-**Gram.** XLA's CPU backend compiles the reduction of a ``(T, D)`` leaf to its
-Gram matrix into one sequential loop, several times slower than one read of
-the leaf (``benchmarks/README.md`` has the figures). The kernel does the same
-arithmetic as :func:`gradops_jax.leaf_gram` (float64 sums of the exact
-products of float32 inputs) near memory speed:
-
-* the columns are cut into chunks that depend only on ``(T, D)``; XLA's own
-  intra-op thread pool runs them, so the result does not depend on the
-  number of threads or on timing;
-* each chunk forms the Gram matrix of blocks of columns in
-  :math:`N \times N` tiles of task pairs (:math:`N = T` for :math:`T \le 4`,
-  else 3 or 4) whose accumulators stay in vector registers, converting the
-  input to float64 in registers as it reads it (for :math:`T > 8`, the
-  diagonal tiles leave the converted block in the level-1 cache for the
-  others).
-
-**Combine.** The sum that :func:`gradops_jax.combine`'s XLA loop
-writes, task after task in the gradients' dtype, on XLA's thread pool and
-rounded exactly as written (the library is built with ``-ffp-contract=off``;
-XLA's compiled loop rounds some sums differently, a few ulps apart). What
-differs besides is the output: before writing it, the kernel asks Linux to back it with
-transparent huge pages (``madvise(MADV_HUGEPAGE)``, honoured where
-``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or
-``madvise``). A fresh update of tens of megabytes, which glibc's allocator
-maps anew on each call, is otherwise faulted in 4 KiB at a time, which can
-cost as much as the reads (``benchmarks/README.md``).
-
-The kernels are compiled on first use with the system's C++ compiler
-(``$CXX``, else ``c++``) against the FFI headers that ship with jaxlib, for
-the CPU they run on (``-march=native``), and cached under
-``$GRADOPS_JAX_CACHE_DIR`` (default ``~/.cache/gradops_jax``), keyed by the
-source, the compiler, jaxlib and the CPU. If no compiler is found or the
-build fails, a log message says why and both passes stay in XLA, with the
-same Gram matrix up to the order of float64 sums and the same update up to
-that rounding of the combine. ``GRADOPS_JAX_CPU_KERNEL=0``
-turns the kernels off. On GPU and TPU, XLA's passes are always used:
-:func:`gram` and :func:`combine` are lowered per platform.
+``csrc/gram.cc`` forms the float64 Gram matrix of a ``(T, D)`` array in
+register tiles of task pairs; ``csrc/combine.cc`` forms
+:math:`\sum_k (g_k a_k) b_k` task after task, rounded as written, and asks for
+transparent huge pages for its output; both run their chunks on XLA's
+thread pool (``csrc/chunk_runner.h``), so results do not depend on timing.
+The library is compiled on first use with ``$CXX`` (else ``c++``) for the CPU
+it runs on, cached under ``$GRADOPS_JAX_CACHE_DIR`` (default
+``~/.cache/gradops_jax``), and lowered per platform, so GPU and TPU keep
+XLA's passes. Without a compiler, after a failed build, or with
+``GRADOPS_JAX_CPU_KERNEL=0``, both passes stay in XLA. Details in
+``docs/design.md``.
 """
 
 import ctypes

@@ -1,46 +1,14 @@
-r"""Stage 1 and stage 3 of every aggregator: reduce to T x T, combine once.
+r"""The two passes of every aggregator over the gradients: reduce to T x T, combine once.
 
-All the aggregation methods of this package see the task gradients
-:math:`g_1, \dots, g_T` only through their Gram matrix
-:math:`K_{ij} = g_i \cdot g_j`, until the very end where the update is one
-linear combination :math:`d = \sum_k \beta_k g_k`. This module holds the two
-passes over the (possibly huge) gradient pytree:
-
-* :func:`task_gram` reads every leaf once and returns the :math:`T \times T`
-  Gram matrix summed over leaves.
-* :func:`combine` reads every leaf once more and returns
-  :math:`\sum_k \beta_k g_k` with the parameters' structure, shapes and dtypes.
-
-Neither pass builds a ``(T, D)`` copy of the gradients. The combine is one
-fused elementwise pass per leaf, wherever the leaf lies; on one CPU device,
-a C++ kernel called through the XLA FFI (:mod:`gradops_jax._src.kernels`)
-forms the same sum and asks for huge pages for its output. The Gram
-pass has three forms. On one CPU device, a C++ kernel of the same library
-reads each leaf once on all cores. On one GPU or
-TPU (or on CPU without the kernel), each leaf is read in cache-sized blocks
-inside a :func:`jax.lax.scan`: one read, no temporary buffer. When the leaf may be
-sharded (it carries an Explicit sharding, or a mesh of several devices is set
-with :func:`jax.set_mesh`), the scan's dynamic slices would make XLA gather
-the leaf, so the leaf is instead reduced in blocks of its own trailing axes,
-which no operation merges or slices: XLA reduces each shard where it lies and
-the only cross-device traffic is a sum of small partial Gram matrices. On
-CPU, XLA materialises the transposed float64 blocks of that form (about
-:math:`2T` buffers of the local shard's size); on one device the kernel or the
-scan is used.
-
-Numerics. The Gram matrix is accumulated in float64 from float32 (or
-bfloat16/float16) inputs. The product of two float32 numbers is exact in
-float64 (24 + 24 significant bits < 53), so the only rounding is that of a
-float64 sum: the Gram matrix is exact to about 1e-16 relative, whatever the
-scale of the inputs (float32's whole range, 1e-45 to 3e38, squares into
-float64's range). This matters: the projections of GradOPS and PCGrad solve
-least-squares problems with the Gram matrix, which squares the condition
-number of the task gradients. Measured on three tasks with two of them at
-cosine :math:`1 - 10^{-6}` (condition number about 700), the projected
-gradient computed from a float32 Gram matrix was off by 1e-1 relative, from the
-R factor of a float32 Householder QR by 4e-5, and from this float64 Gram matrix
-by 1e-9 (``tests/test_gram.py`` keeps that comparison). The float64 work runs
-inside ``jax.enable_x64`` locally; users do not need to enable x64.
+:func:`task_gram` reads every leaf once and returns the :math:`T \times T`
+Gram matrix :math:`K_{ij} = \sum_\ell \langle g_i^{(\ell)}, g_j^{(\ell)} \rangle`
+in float64 (exact products of float32 inputs); :func:`combine` reads every
+leaf once more and returns :math:`\sum_k \beta_k g_k` with the parameters'
+structure, shapes and dtypes. Neither builds a ``(T, D)`` copy. Each pass
+has a C++ CPU kernel, an XLA form for one device, and a partitionable XLA
+form for leaves that may be sharded; ``implementation`` chooses, and
+``"auto"`` picks per leaf while the update is traced. The forms, their
+numerics and their sharding are described in ``docs/design.md``.
 """
 
 import math
