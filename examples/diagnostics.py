@@ -12,15 +12,18 @@ at the end it plots them::
 
 import argparse
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 import gradops_jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # examples/script_support.py
+from script_support import progress, scratch_dir  # noqa: E402
 
 NUM_TASKS = 3
 
@@ -124,7 +127,7 @@ def main(steps=400, alpha=-1.0, out=None, seed=0):
     return losses
 
   log = DiagnosticsLog()
-  for step in tqdm(range(steps), desc="GradOPS", disable=None):
+  for step in progress(range(steps), desc="GradOPS"):
     losses = train_step(model, optimizer, x, y)
     log(step, losses, optimizer.opt_state)
   data = log.arrays()
@@ -144,6 +147,11 @@ if __name__ == "__main__":
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--alpha", type=float, default=-1.0)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).with_name("diagnostics.png"))
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    help="the plot (default: a scratch directory; examples/diagnostics.png is the committed one)",
+  )
   args = parser.parse_args()
-  main(args.steps, args.alpha, args.out, args.seed)
+  main(args.steps, args.alpha, args.out or scratch_dir("diagnostics") / "diagnostics.png", args.seed)

@@ -122,6 +122,13 @@ def test_every_method_picks_one_epoch_by_the_average_validation_auc():
   assert _load("train").at_best_epoch(valid, held_out) == [2.0, 3.0]
 
 
+def test_one_seed_and_smoke_tables_say_so():
+  train_module = _load("train")
+  rows = train_module.summarise({"Uniform scaling": [[0.8, 0.7, 0.6]], "Single-task": [[0.81, 0.7, 0.61]]})
+  table = train_module.markdown(rows, epochs=2, seeds=1, wall=1.0, command="x", quick=True)
+  assert "nan" not in table and "(1 seed)" in table and "smoke run" in table
+
+
 def test_unseen_categories_encode_as_zeros():
   train_rows = data.parse_rows(_lines(_rows(20, 4)), "train")
   test_rows = [list(row) for row in train_rows[:2]]

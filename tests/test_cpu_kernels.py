@@ -1,6 +1,7 @@
 """The CPU kernels (gradops_jax/_src/csrc/) against float64 NumPy: the Gram matrix and the combine."""
 
 import logging
+import pathlib
 import shutil
 
 import jax
@@ -225,3 +226,24 @@ def test_combine_kernel_under_vmap_and_grad_matches_xla():
     expected_gradient = jax.grad(loss)(batch[0], coefficients, xla_combine)
   np.testing.assert_allclose(vmapped, expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-6)
+
+
+def test_cache_key_names_the_compilers_target_not_proc_cpuinfo(monkeypatch):
+  """The key comes from the compiler's predefined macros for the build's flags, so a native
+  build is never loaded on another CPU where /proc/cpuinfo is unreadable (macOS, sandboxes)."""
+  compiler = shutil.which("c++")
+  if compiler is None:
+    pytest.skip("no C++ compiler")
+  native = cpu_kernels._target_description(compiler, ("-march=native",))
+  baseline = cpu_kernels._target_description(compiler, ("-march=x86-64",) if "__x86_64__" in native else ())
+  real_read_text = pathlib.Path.read_text
+
+  def unreadable(path, *args, **kwargs):
+    if str(path) == "/proc/cpuinfo":
+      raise OSError("unreadable")
+    return real_read_text(path, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib.Path, "read_text", unreadable)
+  assert cpu_kernels._target_description(compiler, ("-march=native",)) == native
+  if "__x86_64__" in native and "__AVX2__" in native:
+    assert native != baseline

@@ -38,9 +38,17 @@ def test_diagnostics_callback_logs_every_step_and_plots(tmp_path):
   assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_toy_trade_off_quick(tmp_path):
+def test_toy_trade_off_quick(tmp_path, monkeypatch):
+  """A smoke run writes to a scratch directory, labelled as such, never over the committed results."""
+  import tempfile
+
+  committed = (pathlib.Path(__file__).parents[1] / "examples" / "toy" / "RESULTS.md").read_bytes()
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   trade_off = _load_example("toy/trade_off")
-  paths, finals, front = trade_off.main(steps=60, out_dir=tmp_path)
+  paths, finals, front = trade_off.main(steps=60)
+  tmp_path = tmp_path / "gradops_jax_examples" / "toy"
+  assert "a smoke run" in (tmp_path / "RESULTS.md").read_text()
+  assert (pathlib.Path(__file__).parents[1] / "examples" / "toy" / "RESULTS.md").read_bytes() == committed
   assert set(paths) == set(trade_off.METHODS)
   for path in paths.values():
     assert path.shape == (3, 61, 2) and np.all(np.isfinite(path))
@@ -50,3 +58,18 @@ def test_toy_trade_off_quick(tmp_path):
   assert front.ndim == 2 and np.all(np.diff(front[:, 0]) >= 0) and np.all(np.diff(front[:, 1]) < 0)
   for name in ("RESULTS.md", "trajectories.png", "objective_space.png"):
     assert (tmp_path / name).stat().st_size > 0
+
+
+def test_progress_prints_plain_lines_when_not_on_a_terminal():
+  import io
+  import sys
+
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples"))
+  try:
+    import script_support
+  finally:
+    sys.path.pop(0)
+  stream = io.StringIO()
+  assert list(script_support.progress(range(5), desc="steps", every=0.0, stream=stream)) == list(range(5))
+  lines = stream.getvalue().splitlines()
+  assert lines[0].startswith("steps: 0/5") and lines[-1].startswith("steps: 5/5") and len(lines) == 6

@@ -153,6 +153,88 @@ def test_aggregate_shared_rejects_bad_masks_naming_the_leaf():
     tx.init(params)
 
 
+def _nnx_step_with(shared):
+  """One nnx.Optimizer step with aggregate_shared(shared); returns how the heads and trunk moved."""
+  model = MultiHead(nnx.Rngs(0))
+  x, y = _data()
+  before = nnx.clone(nnx.state(model, nnx.Param))
+  tx = optax.chain(
+    gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(NUM_TASKS), NUM_TASKS, shared), optax.sgd(1.0)
+  )
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  _, grads = gradops_jax.nnx_value_and_task_grads(_task_losses)(model, x, y)
+  optimizer.update(model, grads)
+  return jax.tree.map(lambda a, b: a - b, nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(before))
+
+
+def test_aggregate_shared_takes_fixed_masks_and_path_predicates_in_nnx():
+  """nnx.Optimizer calls init with Param-wrapped state and update with plain arrays: a fixed
+  mask (a plain dict), a path predicate and a tree function give the same step."""
+  fixed = {
+    "trunk": {"bias": True, "kernel": True},
+    "heads": {i: {"bias": False, "kernel": False} for i in range(NUM_TASKS)},
+  }
+  expected = _nnx_step_with(_shared_mask)
+  for shared in (fixed, lambda path: path[0].key == "trunk"):
+    chex.assert_trees_all_close(_nnx_step_with(shared), expected, atol=1e-7)
+
+
+def test_aggregate_shared_names_the_first_differing_path_and_warns_on_trivial_masks():
+  params = {"trunk": jnp.zeros(3), "heads": {"a": jnp.zeros(2)}}
+  aggregator = gradops_jax.scale_by_gradops(2)
+  tx = gradops_jax.aggregate_shared(aggregator, 2, {"trunck": True, "heads": {"a": False}})
+  with pytest.raises(ValueError, match=r"\['trunk'\] has no entry") as error:
+    tx.init(params)
+  assert "PyTreeDef" not in str(error.value)
+  with pytest.warns(UserWarning, match="no parameter is marked shared"):
+    gradops_jax.aggregate_shared(aggregator, 2, lambda path: path[0].key == "trunck").init(params)
+  with pytest.warns(UserWarning, match="every parameter is marked shared"):
+    gradops_jax.aggregate_shared(aggregator, 2, lambda path: True).init(params)
+
+
+def test_nnx_optimizer_checkpoint_recipe_resumes_bit_identically():
+  """The recipe of docs/integrations.md: pure dicts of nnx.state(model) and
+  nnx.state(optimizer) (nnx.to_pure_dict) through flax.serialization, restored with
+  nnx.replace_by_pure_dict and nnx.update."""
+  from flax import serialization
+
+  def make():
+    model = MultiHead(nnx.Rngs(0))
+    tx = optax.chain(
+      gradops_jax.aggregate_shared(gradops_jax.scale_by_pcgrad(NUM_TASKS), NUM_TASKS, _shared_mask), optax.adam(1e-2)
+    )
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    _, grads = gradops_jax.nnx_value_and_task_grads(_task_losses)(model, x, y)
+    optimizer.update(model, grads)
+
+  batches = [_data(seed) for seed in range(4)]
+  model, optimizer = make()
+  for x, y in batches[:2]:
+    step(model, optimizer, x, y)
+  # The model's parameters (its RNG keys are typed keys, not plain arrays) and the optimizer.
+  saved = {
+    name: serialization.to_bytes(nnx.to_pure_dict(nnx.state(obj, kind)))
+    for name, obj, kind in (("model", model, nnx.Param), ("optimizer", optimizer, nnx.Not(nnx.RngState)))
+  }
+  for x, y in batches[2:]:
+    step(model, optimizer, x, y)
+
+  restored_model, restored_optimizer = make()
+  for name, obj, kind in (
+    ("model", restored_model, nnx.Param),
+    ("optimizer", restored_optimizer, nnx.Not(nnx.RngState)),
+  ):
+    state = nnx.state(obj, kind)
+    nnx.replace_by_pure_dict(state, serialization.from_bytes(nnx.to_pure_dict(state), saved[name]))
+    nnx.update(obj, state)
+  for x, y in batches[2:]:
+    step(restored_model, restored_optimizer, x, y)
+  chex.assert_trees_all_equal(nnx.state(restored_model, nnx.Param), nnx.state(model, nnx.Param))
+
+
 # -- optax wrappers and chains --------------------------------------------------------
 
 

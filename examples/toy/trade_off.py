@@ -28,14 +28,17 @@ points with their distance to that front::
 
 import argparse
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import gradops_jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # examples/script_support.py
+from script_support import progress, scratch_dir  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
 INITIAL_POINTS = ((-0.85, 0.75), (-0.85, -0.3), (0.9, 0.9))
@@ -110,7 +113,7 @@ def run(steps):
   """All methods from all initial points: ``{method: (3, steps + 1, 2) paths}``."""
   paths = {}
   starts = jnp.asarray(INITIAL_POINTS, jnp.float32)
-  for name, make in tqdm(METHODS.items(), desc="methods", disable=None):
+  for name, make in progress(METHODS.items(), desc="methods"):
     paths[name] = np.asarray(jax.jit(trajectories, static_argnums=(0, 2))(make(), starts, steps))
   return paths
 
@@ -161,7 +164,8 @@ def plot(paths, front, out_dir):
 
 def results_table(paths, front, steps):
   lines = [
-    f"# Appendix B toy problem: final points after {steps} Adam steps (lr 1e-3)",
+    f"# Appendix B toy problem: final points after {steps} Adam steps (lr 1e-3)"
+    + ("" if steps >= 20_000 else " (a smoke run: far from converged, not the paper's setting)"),
     "",
     "Command: `python examples/toy/trade_off.py" + ("" if steps == 20_000 else f" --steps {steps}") + "`",
     "",
@@ -183,7 +187,9 @@ def results_table(paths, front, steps):
   return "\n".join(lines) + "\n", finals
 
 
-def main(steps=20_000, out_dir=HERE):
+def main(steps=20_000, out_dir=None):
+  """Runs every method; writes RESULTS.md and the plots to ``out_dir`` (a scratch directory by default)."""
+  out_dir = scratch_dir("toy") if out_dir is None else out_dir
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = run(steps)
@@ -192,6 +198,7 @@ def main(steps=20_000, out_dir=HERE):
   (out_dir / "RESULTS.md").write_text(table)
   plot(paths, front, out_dir)
   print(table)
+  print(f"wrote {out_dir}/RESULTS.md and the plots")
   return paths, finals, front
 
 
@@ -199,6 +206,11 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=20_000)
   parser.add_argument("--quick", action="store_true", help="500 steps")
-  parser.add_argument("--out", type=pathlib.Path, default=HERE)
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    help=f"output directory (default: a scratch directory; {HERE} for the committed results)",
+  )
   args = parser.parse_args()
   main(500 if args.quick else args.steps, args.out)

@@ -53,15 +53,21 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / "gradops_jax"
 
 
-def _cpu_features() -> str:
-  """The CPU's model and feature flags, which ``-march=native`` compiles for."""
-  try:
-    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-  except OSError:
-    lines = []
-  wanted = ("model name", "flags", "Features", "CPU part")
-  described = {line.split(":")[0].strip(): line for line in lines if line.startswith(wanted)}
-  return platform.machine() + "".join(sorted(described.values()))
+def _target_description(compiler: str, flags: tuple) -> str:
+  """The compiler's own view of the target it builds for: its predefined macros.
+
+  With ``-march=native`` these name the CPU's instruction sets (``__AVX2__``,
+  ``__AVX512F__``, ...) as the compiler detects them, on every OS, so a
+  cached build is never loaded on a CPU it was not compiled for.
+  """
+  macros = subprocess.run(
+    [compiler, *(flag for flag in flags if flag.startswith(("-m", "-std"))), "-dM", "-E", "-x", "c++", os.devnull],
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=60,
+  ).stdout
+  return platform.machine() + "\n" + "\n".join(sorted(macros.splitlines()))
 
 
 def _build(compiler: str, native: bool) -> pathlib.Path:
@@ -75,7 +81,7 @@ def _build(compiler: str, native: bool) -> pathlib.Path:
         version,
         " ".join(flags),
         jaxlib.__version__,
-        _cpu_features(),
+        _target_description(compiler, flags),
       ]
     ).encode()
   ).hexdigest()[:20]

@@ -9,6 +9,7 @@ only and gives every task-specific leaf the sum of its task gradients, which
 is its own task's gradient. It is built on :func:`optax.partition`.
 """
 
+import warnings
 from typing import Any, Callable, Union
 
 import jax
@@ -23,24 +24,82 @@ SHARED = "shared"
 TASK_SPECIFIC = "task_specific"
 
 
-def _labels(shared_mask: Any, tree: Any) -> Any:
-  """``"shared"``/``"task_specific"`` labels, checked against ``tree``'s structure."""
-  mask_leaves, mask_def = jax.tree_util.tree_flatten(shared_mask)
-  tree_paths, tree_def = jax.tree_util.tree_flatten_with_path(tree)
-  if not mask_def == tree_def:  # type: ignore[operator]
-    raise ValueError(
-      "shared must have the structure of the parameters; got shared structure "
-      f"{mask_def} and parameter structure {tree_def}."
+def _plain_path(path: tuple) -> tuple:
+  """The key path without the ``.value`` through which a Flax NNX Variable holds its array."""
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    return path[:-1]
+  return path
+
+
+def _is_flag(flag: Any) -> bool:
+  return isinstance(flag, (bool, np.bool_)) or (
+    isinstance(flag, jax.Array) and flag.shape == () and flag.dtype == jnp.bool_
+  )
+
+
+def _flags_by_path(mask: Any) -> dict:
+  """``{plain key path: flag}`` of a mask pytree, through any NNX Variable wrappers."""
+  return {_plain_path(path): flag for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0]}
+
+
+def _shared_flags(shared: Any, tree: Any) -> Any:
+  """The tree with one bool per leaf, from a fixed mask, a mask function or a path predicate."""
+  paths = [_plain_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  if callable(shared):
+    try:
+      mask = shared(tree)
+    except Exception:  # not a function of the tree: a predicate on one key path
+      mask = None
+    if mask is None or (_is_flag(mask) and len(paths) != 1):
+      flags = [shared(path) for path in paths]
+      for path, flag in zip(paths, flags):
+        if not _is_flag(flag):
+          raise TypeError(f"shared(path) must return a bool; got {flag!r} for {jax.tree_util.keystr(path)}.")
+      return jax.tree.unflatten(jax.tree.structure(tree), [bool(flag) for flag in flags])
+  else:
+    mask = shared
+  by_path = _flags_by_path(mask)
+  missing = [path for path in paths if path not in by_path]
+  extra = sorted(set(by_path) - set(paths), key=jax.tree_util.keystr)
+  if missing or extra:
+    first = (
+      f"the parameter {jax.tree_util.keystr(missing[0])} has no entry in shared"
+      if missing
+      else f"shared's entry {jax.tree_util.keystr(extra[0])} is not a parameter"
     )
-  for flag, (path, leaf) in zip(mask_leaves, tree_paths):
-    if not isinstance(flag, (bool, np.bool_)) and not (
-      isinstance(flag, jax.Array) and flag.shape == () and flag.dtype == jnp.bool_
-    ):
+    raise ValueError(
+      f"shared must have the structure of the parameters: {first} "
+      f"({len(missing)} parameters without an entry, {len(extra)} entries without a parameter)."
+    )
+  for path, leaf in zip(paths, jax.tree.leaves(tree)):
+    if not _is_flag(by_path[path]):
       raise TypeError(
-        f"shared must hold one bool per parameter leaf; got {flag!r} for leaf "
+        f"shared must hold one bool per parameter leaf; got {by_path[path]!r} for leaf "
         f"{jax.tree_util.keystr(path)} with shape {tuple(jnp.shape(leaf))}."
       )
-  return jax.tree.map(lambda flag: SHARED if bool(flag) else TASK_SPECIFIC, shared_mask)
+  return jax.tree.unflatten(jax.tree.structure(tree), [bool(by_path[path]) for path in paths])
+
+
+def _labels(shared: Any, tree: Any) -> Any:
+  """``"shared"``/``"task_specific"`` labels with the structure of ``tree``."""
+  flags = _shared_flags(shared, tree)
+  return jax.tree.map(lambda flag: SHARED if flag else TASK_SPECIFIC, flags)
+
+
+def _warn_if_trivial(flags: Any) -> None:
+  values = jax.tree.leaves(flags)
+  if values and not any(values):
+    warnings.warn(
+      "aggregate_shared: no parameter is marked shared, so nothing is deconflicted (each leaf "
+      "gets the plain sum over tasks); check the mask or predicate (a misspelt key?).",
+      stacklevel=3,
+    )
+  elif values and all(values):
+    warnings.warn(
+      "aggregate_shared: every parameter is marked shared; the aggregator alone does the same.",
+      stacklevel=3,
+    )
 
 
 def _sum_over_tasks(num_tasks: int) -> optax.GradientTransformation:
@@ -84,11 +143,15 @@ def aggregate_shared(
     aggregator: any transform of this package (or another one taking stacked
       per-task gradients), built with ``num_tasks``.
     num_tasks: T.
-    shared: a pytree of Python or array-scalar bools with the structure of the
-      parameters (``True`` for a shared leaf), or a function returning one.
-      The function is called with the parameters at ``init`` and with the
-      stacked task gradients at ``update`` (as in :func:`optax.partition`), so
-      it must decide from the tree's paths, not from the leaves' shapes.
+    shared: which leaves are shared (``True``), in one of three forms:
+      a pytree of bools with the parameters' structure (Flax NNX
+      ``Variable`` wrappers, as in ``nnx.state(model, nnx.Param)``, are looked
+      through, so one mask serves ``nnx.Optimizer``'s ``init`` and
+      ``update``); a function of the tree returning such a pytree (as in
+      :func:`optax.partition`; called with the parameters at ``init`` and the
+      stacked gradients at ``update``); or a predicate on one leaf's key path,
+      ``lambda path: ...`` (the path without NNX's ``.value``). ``init``
+      warns when no leaf, or every leaf, is shared.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` (an
@@ -96,7 +159,8 @@ def aggregate_shared(
     updates. Chain it with an optimiser as you would the aggregator.
 
   Raises:
-    ValueError: ``shared`` does not have the parameters' structure.
+    ValueError: ``shared`` does not have the parameters' structure (the
+      message names the first parameter path without an entry).
     TypeError: a leaf of ``shared`` is not a bool.
 
   Example:
@@ -119,13 +183,18 @@ def aggregate_shared(
   num_tasks = validation.check_num_tasks(num_tasks)
 
   def labels(tree):
-    mask = shared(tree) if callable(shared) else shared
-    return _labels(mask, tree)
+    return _labels(shared, tree)
 
-  return optax.partition(
+  inner = optax.partition(
     {
       SHARED: aggregator,
       TASK_SPECIFIC: _sum_over_tasks(num_tasks),
     },
     labels,
   )
+
+  def init_fn(params):
+    _warn_if_trivial(_shared_flags(shared, params))
+    return inner.init(params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, inner.update)
