@@ -2,7 +2,7 @@
 
     python -m benchmarks.run --quick     # a few minutes on 2 CPU cores
     python -m benchmarks.run --full      # the sizes of the targets
-    python -m benchmarks.run --tiny      # seconds; what the smoke test runs
+    python -m benchmarks.run --tiny      # tiny sizes: what the smoke test runs (pytest -m slow)
     python -m benchmarks.run --full --keep-freed-memory --out benchmarks/results/kept-memory
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m benchmarks.run --full --out benchmarks/results/huge-pages
 

@@ -23,7 +23,7 @@ contours of :math:`L_1 + L_2` and in objective space beside the Pareto front
 points with their distance to that front::
 
     python examples/toy/trade_off.py            # 20,000 steps, as the paper
-    python examples/toy/trade_off.py --quick    # 500 steps, seconds
+    python examples/toy/trade_off.py --quick    # 500 steps: a smoke run
 """
 
 import argparse
