@@ -2,9 +2,12 @@ r"""Small T x T linear algebra shared by the methods: cosines, scalings, masked 
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 
-def cosine_from_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def cosine_from_gram(
+  gram: Float[Array, "T T"],
+) -> tuple[Float[Array, " T"], Float[Array, " T"], Float[Array, "T T"]]:
   r"""Norms and cosine matrix of the task gradients from their Gram matrix.
 
   .. math::
@@ -38,7 +41,7 @@ def cosine_from_gram(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return norms, inverse_norms, cosine
 
 
-def scale_to_unit_diagonal(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+def scale_to_unit_diagonal(gram: Float[Array, "T T"]) -> tuple[jax.Array, jax.Array]:
   """The Gram matrix divided by its largest diagonal entry (by 1 when that is 0), and that divisor.
 
   Scaling every gradient by the same factor leaves the weights of a

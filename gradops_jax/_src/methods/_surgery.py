@@ -11,12 +11,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 # step(carry, task, other) -> carry, where carry[0] holds the coefficients.
 StepFn = Callable[[Any, jax.Array, jax.Array], Any]
 
 
-def sequential_surgery(gram: jax.Array, order: jax.Array, step: StepFn, init_carry: Callable[[jax.Array], Any]) -> Any:
+def sequential_surgery(
+  gram: Float[Array, "T T"], order: jax.Array, step: StepFn, init_carry: Callable[[jax.Array], Any]
+) -> Any:
   """Runs ``step`` for every task over the other tasks in ``order``.
 
   Args:

@@ -2,13 +2,14 @@ r"""Aligned-MTL: align the principal components of the task gradients."""
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
 from gradops_jax._src.solvers import accelerated
 
 
-def aligned_mtl_weights(gram: jax.Array, rank_rtol: float) -> jax.Array:
+def aligned_mtl_weights(gram: Float[Array, "T T"], rank_rtol: float) -> Float[Array, " T"]:
   r"""Aligned-MTL coefficients from the Gram matrix.
 
   With the eigendecomposition :math:`K = V \Lambda V^\top` restricted to its

@@ -1,7 +1,7 @@
 r"""CAGrad: conflict-averse gradient descent."""
 
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
@@ -14,13 +14,13 @@ from gradops_jax._src.solvers import simplex
 
 
 def cagrad_weights(
-  gram: jax.Array,
+  gram: Float[Array, "T T"],
   c: float = 0.5,
   rescale: bool = True,
   tol: float = 1e-10,
   max_iters: int = 5000,
   zero_rtol: float = 0.0,
-) -> tuple[jax.Array, accelerated.SolverInfo]:
+) -> tuple[Float[Array, " T"], accelerated.SolverInfo]:
   r"""CAGrad coefficients from the Gram matrix.
 
   With the mean gradient :math:`g_0 = \frac1T \sum_i g_i` and

@@ -13,8 +13,8 @@ over the simplex, whose support function has a closed form. The derivation
 ``docs/methods/conicgrad.md``.
 """
 
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
@@ -44,12 +44,12 @@ def _cone_maximiser(scaled, mean, radius, c, w):
 
 
 def conicgrad_weights(
-  gram: jax.Array,
+  gram: Float[Array, "T T"],
   c: float = 0.5,
   tol: float = 1e-10,
   max_iters: int = 5000,
   zero_rtol: float = 0.0,
-) -> tuple[jax.Array, accelerated.SolverInfo]:
+) -> tuple[Float[Array, " T"], accelerated.SolverInfo]:
   r"""ConicGrad coefficients from the Gram matrix (see the module docstring).
 
   .. math::

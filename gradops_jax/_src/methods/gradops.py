@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
@@ -140,7 +141,7 @@ def _select_projections(
   return jnp.where(projected, residuals, jnp.where(keep_original, identity, 0.0))
 
 
-def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> jax.Array:
+def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> Float[Array, " T"]:
   """Eqs. 4-5 in log space, with :math:`0^\\alpha` as ``docs/methods/gradops.md`` says."""
   num_tasks = scores.shape[0]
   is_zero = scores <= rank_rtol * jnp.max(scores)
@@ -153,7 +154,7 @@ def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> jax.Array
 
 
 def gradops_solve(
-  gram: jax.Array,
+  gram: Float[Array, "T T"],
   alpha: Any = 0.0,
   rank_rtol: Optional[float] = None,
   mgda_tol: float = 1e-12,

@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
@@ -30,7 +31,7 @@ class GradVacState(NamedTuple):
 
 
 def gradvac_weights(
-  gram: jax.Array, order: jax.Array, targets: jax.Array, beta: float, zero_rtol: float
+  gram: Float[Array, "T T"], order: jax.Array, targets: jax.Array, beta: float, zero_rtol: float
 ) -> tuple[jax.Array, jax.Array]:
   r"""GradVac coefficients and updated targets for a given task order.
 

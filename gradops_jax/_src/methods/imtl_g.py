@@ -1,7 +1,7 @@
 r"""IMTL-G: the update whose projections on every unit task gradient are equal."""
 
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
@@ -9,7 +9,7 @@ from gradops_jax._src import linalg
 from gradops_jax._src.solvers import accelerated
 
 
-def imtl_g_weights(gram: jax.Array) -> jax.Array:
+def imtl_g_weights(gram: Float[Array, "T T"]) -> Float[Array, " T"]:
   r"""IMTL-G coefficients from the Gram matrix.
 
   With unit gradients :math:`u_i = g_i / \|g_i\|`, IMTL-G finds

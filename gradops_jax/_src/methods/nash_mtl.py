@@ -2,6 +2,7 @@ r"""Nash-MTL: the Nash bargaining solution between the tasks."""
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
@@ -12,8 +13,8 @@ RIDGE = 1e-8
 
 
 def nash_mtl_weights(
-  gram: jax.Array, tol: float = 1e-12, max_iters: int = 500
-) -> tuple[jax.Array, accelerated.SolverInfo]:
+  gram: Float[Array, "T T"], tol: float = 1e-12, max_iters: int = 500
+) -> tuple[Float[Array, " T"], accelerated.SolverInfo]:
   r"""Nash-MTL coefficients from the Gram matrix.
 
   Nash-MTL (Navon et al., 2022, Eq. 2 and Sec. 3.1) weights the tasks by the

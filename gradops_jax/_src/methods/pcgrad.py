@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
@@ -24,7 +25,7 @@ class PCGradState(NamedTuple):
   weights: jax.Array
 
 
-def pcgrad_weights(gram: jax.Array, order: jax.Array) -> jax.Array:
+def pcgrad_weights(gram: Float[Array, "T T"], order: jax.Array) -> Float[Array, " T"]:
   r"""PCGrad coefficients for a given order of the tasks.
 
   For every task :math:`i` (vmapped), starting from :math:`g^{PC}_i = g_i`,

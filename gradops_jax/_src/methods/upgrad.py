@@ -2,6 +2,7 @@ r"""UPGrad: the mean of the task gradients projected onto their dual cone."""
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
@@ -12,8 +13,8 @@ from gradops_jax._src.solvers import nonnegative
 
 
 def upgrad_weights(
-  gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000
-) -> tuple[jax.Array, accelerated.SolverInfo]:
+  gram: Float[Array, "T T"], tol: float = 1e-12, max_iters: int = 2000
+) -> tuple[Float[Array, " T"], accelerated.SolverInfo]:
   r"""UPGrad coefficients from the Gram matrix.
 
   The projection of :math:`g_i` onto the dual cone

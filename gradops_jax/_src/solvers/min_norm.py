@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from gradops_jax._src import linalg
 from gradops_jax._src import tolerances
@@ -147,8 +148,8 @@ def _polish(cosine, scales, a, tol):
 
 
 def min_norm_simplex_weights(
-  gram: jax.Array, tol: float = 1e-12, max_iters: int = 2000
-) -> tuple[jax.Array, accelerated.SolverInfo]:
+  gram: Float[Array, "T T"], tol: float = 1e-12, max_iters: int = 2000
+) -> tuple[Float[Array, " T"], accelerated.SolverInfo]:
   r"""Weights of the min-norm point in the convex hull of the task gradients.
 
   Solves the quadratic programme of MGDA,

@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from gradops_jax._src import linalg
 from gradops_jax._src import tolerances
@@ -107,8 +108,8 @@ def _polish(quadratic, linear, v, tol):
 
 
 def nonnegative_quadratic_minimizer(
-  quadratic: jax.Array, linear: jax.Array, tol: float = 1e-12, max_iters: int = 2000
-) -> tuple[jax.Array, accelerated.SolverInfo]:
+  quadratic: Float[Array, "T T"], linear: Float[Array, " T"], tol: float = 1e-12, max_iters: int = 2000
+) -> tuple[Float[Array, " T"], accelerated.SolverInfo]:
   r"""Minimiser of a convex quadratic over the non-negative orthant.
 
   .. math::

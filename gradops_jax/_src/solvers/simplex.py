@@ -4,11 +4,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from gradops_jax._src.solvers import accelerated
 
 
-def project_onto_simplex(v: jax.Array) -> jax.Array:
+def project_onto_simplex(v: Float[Array, " T"]) -> Float[Array, " T"]:
   r"""Euclidean projection of ``v`` onto the probability simplex.
 
   .. math::
@@ -62,7 +63,7 @@ def minimize_on_simplex(
   dtype: Any,
   tol: float = 1e-10,
   max_iters: int = 5000,
-) -> tuple[jax.Array, accelerated.SolverInfo]:
+) -> tuple[Float[Array, " T"], accelerated.SolverInfo]:
   r"""Minimiser of a convex function over the probability simplex.
 
   :func:`~gradops_jax._src.solvers.accelerated.accelerated_descent` with a
