@@ -5,6 +5,8 @@ from gradops_jax import weightings
 from gradops_jax._src.accumulation import task_multi_steps
 from gradops_jax._src.base import WeightsState
 from gradops_jax._src.kernels import available as kernels_available
+from gradops_jax._src.kernels import kernels_disabled
+from gradops_jax._src.kernels import register_cached as _register_cached_kernels
 from gradops_jax._src.linalg import cosine_from_gram
 from gradops_jax._src.methods.aligned_mtl import scale_by_aligned_mtl
 from gradops_jax._src.methods.cagrad import scale_by_cagrad
@@ -35,6 +37,8 @@ from gradops_jax._src.tolerances import default_rank_rtol
 
 __version__ = "0.1.0"
 
+_register_cached_kernels()
+
 __all__ = (
   "GradOPSSolution",
   "GradOPSState",
@@ -49,6 +53,7 @@ __all__ = (
   "gradops",
   "gradops_solve",
   "kernels_available",
+  "kernels_disabled",
   "leaf_gram",
   "nnx_value_and_task_grads",
   "project_onto_simplex",

@@ -234,8 +234,8 @@ def test_cache_key_names_the_compilers_target_not_proc_cpuinfo(monkeypatch):
   compiler = shutil.which("c++")
   if compiler is None:
     pytest.skip("no C++ compiler")
-  native = cpu_kernels._target_description(compiler, ("-march=native",))
-  baseline = cpu_kernels._target_description(compiler, ("-march=x86-64",) if "__x86_64__" in native else ())
+  native = cpu_kernels._target_description([compiler], ("-march=native",))
+  baseline = cpu_kernels._target_description([compiler], ("-march=x86-64",) if "__x86_64__" in native else ())
   real_read_text = pathlib.Path.read_text
 
   def unreadable(path, *args, **kwargs):
@@ -244,6 +244,6 @@ def test_cache_key_names_the_compilers_target_not_proc_cpuinfo(monkeypatch):
     return real_read_text(path, *args, **kwargs)
 
   monkeypatch.setattr(pathlib.Path, "read_text", unreadable)
-  assert cpu_kernels._target_description(compiler, ("-march=native",)) == native
+  assert cpu_kernels._target_description([compiler], ("-march=native",)) == native
   if "__x86_64__" in native and "__AVX2__" in native:
     assert native != baseline

@@ -16,19 +16,24 @@ XLA's passes. Without a compiler, after a failed build, or with
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import pathlib
 import platform
+import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import threading
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import jaxlib
+from jax._src import config as jax_config  # bool_state: a flag that JAX keys its caches on
 
 _SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name for name in ("gram.cc", "combine.cc"))
 _HEADERS = tuple(pathlib.Path(__file__).parent / "csrc" / name for name in ("chunk_runner.h",))
@@ -44,6 +49,37 @@ _FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC")
 logger = logging.getLogger(__name__)
 _BUILD_LOCK = threading.Lock()
 _REGISTERED: list = []  # the library whose handlers XLA calls, once registered
+# A JAX configuration state, so that it is part of the jit cache key: a function traced once with
+# the kernels and once without gets two programs, not the first one twice.
+_KERNELS_ENABLED = jax_config.bool_state(
+  "gradops_jax_cpu_kernels",
+  True,
+  help="Whether gradops_jax's Gram and combine passes call their C++ CPU kernels.",
+  include_in_jit_key=True,
+  include_in_trace_context=True,
+)
+
+
+def kernels_disabled():
+  """Traces the Gram and combine passes with XLA only: no C++ custom call in the program.
+
+  Use it around :func:`jax.export.export` (which refuses custom calls without
+  compatibility guarantees), or to compile a program that must run where the
+  kernels cannot be built. The setting is part of JAX's jit cache key, so a
+  function traced here gets its own program even if it was traced with the
+  kernels before. ``jax.config.update("gradops_jax_cpu_kernels", False)``
+  sets it globally.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gradops_jax
+    >>> tx = gradops_jax.scale_by_gradops(2)
+    >>> params = {'w': jnp.zeros(3)}
+    >>> with gradops_jax.kernels_disabled():
+    ...   text = jax.jit(tx.update).lower({'w': jnp.ones((2, 3))}, tx.init(params)).as_text()
+    >>> 'gradops_jax_gram' in text
+    False
+  """
+  return _KERNELS_ENABLED(False)
 
 
 def _cache_dir() -> pathlib.Path:
@@ -53,31 +89,108 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / "gradops_jax"
 
 
-def _target_description(compiler: str, flags: tuple) -> str:
+def _target_description(compiler: list, flags: tuple) -> str:
   """The compiler's own view of the target it builds for: its predefined macros.
 
   With ``-march=native`` these name the CPU's instruction sets (``__AVX2__``,
   ``__AVX512F__``, ...) as the compiler detects them, on every OS, so a
   cached build is never loaded on a CPU it was not compiled for.
   """
-  macros = subprocess.run(
-    [compiler, *(flag for flag in flags if flag.startswith(("-m", "-std"))), "-dM", "-E", "-x", "c++", os.devnull],
-    capture_output=True,
-    text=True,
-    check=True,
-    timeout=60,
-  ).stdout
+  macros = _run_bounded(
+    [*compiler, *(flag for flag in flags if flag.startswith(("-m", "-std"))), "-dM", "-E", "-x", "c++", os.devnull],
+    _BUILD_TIMEOUT_SECONDS,
+  )
   return platform.machine() + "\n" + "\n".join(sorted(macros.splitlines()))
 
 
-def _build(compiler: str, native: bool) -> pathlib.Path:
-  """Compiles the kernels into the cache, unless a build for this setup is there."""
+# Bound on one compiler run: a build takes seconds; a hung compiler must not stall the first trace.
+_BUILD_TIMEOUT_SECONDS = float(os.environ.get("GRADOPS_JAX_BUILD_TIMEOUT", "60"))
+
+
+class _BuildTimeout(Exception):
+  pass
+
+
+def _run_bounded(command: list, timeout: float) -> str:
+  """Runs ``command`` in its own process group; on timeout kills the whole group (no orphans)."""
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    raise _BuildTimeout(f"{command[0]} did not finish within {timeout:g} s; it was killed") from None
+  if process.returncode != 0:
+    raise subprocess.CalledProcessError(process.returncode, command, stdout, stderr)
+  return stdout
+
+
+def _compiler_command() -> list:
+  """``$CXX`` (else ``c++``) as a command line: ``CXX="ccache g++"`` is a launcher and a compiler."""
+  words = shlex.split(os.environ.get("CXX", "c++"))
+  if not words:
+    return []
+  resolved = shutil.which(words[0])
+  return [] if resolved is None else [resolved, *words[1:]]
+
+
+def _check_trusted(path: pathlib.Path) -> None:
+  """Refuses a cache directory or file that others could have written: owned by someone else, or
+  group- or world-writable. Loading a library runs its code in this process."""
+  info = path.stat()
+  if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    raise PermissionError(
+      f"{path} is not owned by this user or is writable by others (mode {stat.filemode(info.st_mode)}); "
+      "refusing to load a kernel library from it. Set GRADOPS_JAX_CACHE_DIR to a private directory."
+    )
+
+
+def _digest(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_durably(path: pathlib.Path, data: bytes) -> None:
+  """Writes ``data`` to ``path`` atomically and durably: temporary file, fsync, rename, fsync the directory."""
+  temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  with open(temporary, "wb") as file:
+    file.write(data)
+    file.flush()
+    os.fsync(file.fileno())
+  os.replace(temporary, path)
+  directory = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(directory)
+  finally:
+    os.close(directory)
+
+
+def _verified(library: pathlib.Path) -> bool:
+  """Whether the cached library is the whole file this package wrote: recorded size and hash.
+
+  A truncated library (a short copy, a crash before the data reached the disk) would crash the
+  process when loaded; a different or empty file at the cached path must not be loaded either.
+  """
+  manifest = library.with_suffix(".json")
+  try:
+    recorded = json.loads(manifest.read_text())
+    _check_trusted(library)
+    return library.stat().st_size == recorded["size"] and _digest(library) == recorded["sha256"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+
+
+def _build(compiler: list, native: bool, build: bool = True) -> Optional[pathlib.Path]:
+  """Compiles the kernels into the cache, unless a verified build for this setup is there.
+
+  With ``build=False``, returns the verified cached library or ``None``.
+  """
   flags = _FLAGS + (("-march=native",) if native else ())
-  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+  version = _run_bounded([*compiler, "--version"], _BUILD_TIMEOUT_SECONDS)
   key = hashlib.sha256(
     "\n".join(
       [
         *(path.read_text() for path in _SOURCES + _HEADERS),
+        " ".join(compiler),
         version,
         " ".join(flags),
         jaxlib.__version__,
@@ -85,20 +198,35 @@ def _build(compiler: str, native: bool) -> pathlib.Path:
       ]
     ).encode()
   ).hexdigest()[:20]
-  library = _cache_dir() / f"cpu_kernels-{key}.so"
-  if library.exists():
+  directory = _cache_dir()
+  directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+  _check_trusted(directory)
+  library = directory / f"cpu_kernels-{key}.so"
+  failed = library.with_suffix(".failed")
+  if failed.exists():  # this compiler and these flags made a library that does not load: do not retry
+    raise OSError(failed.read_text())
+  if _verified(library):
     return library
-  library.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+  if not build:
+    return None
+  with tempfile.TemporaryDirectory(dir=directory) as scratch:
     built = pathlib.Path(scratch) / library.name
-    subprocess.run(
-      [compiler, *flags, "-isystem", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", str(built)],
-      capture_output=True,
-      text=True,
-      check=True,
-      timeout=300,
+    _run_bounded(
+      [*compiler, *flags, "-isystem", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", str(built)],
+      _BUILD_TIMEOUT_SECONDS,
     )
-    os.replace(built, library)  # atomic: concurrent builds leave one whole file
+    try:
+      handle = ctypes.CDLL(str(built))
+      for _, symbol in _HANDLERS.values():
+        getattr(handle, symbol)
+    except (OSError, AttributeError) as error:
+      _write_durably(failed, f"the library built by {' '.join(compiler)} does not load: {error}".encode())
+      raise OSError(failed.read_text()) from error
+    data = built.read_bytes()
+  _write_durably(library, data)
+  _write_durably(
+    library.with_suffix(".json"), json.dumps({"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}).encode()
+  )
   return library
 
 
@@ -123,20 +251,29 @@ def available() -> bool:
 def _build_and_register() -> bool:
   if os.environ.get("GRADOPS_JAX_CPU_KERNEL", "1") == "0":
     return False
-  compiler = shutil.which(os.environ.get("CXX", "c++"))
-  if compiler is None:
-    logger.warning("gradops_jax: no C++ compiler found; the Gram and combine passes stay in XLA on CPU.")
+  compiler = _compiler_command()
+  if not compiler:
+    logger.warning(
+      "gradops_jax: no C++ compiler found (CXX=%r); the Gram and combine passes stay in XLA on CPU.",
+      os.environ.get("CXX", "c++"),
+    )
     return False
   errors = []
   for native in (True, False):
     try:
-      library = ctypes.CDLL(str(_build(compiler, native)))
-    except (OSError, subprocess.SubprocessError) as error:
+      path = _build(compiler, native)
+      assert path is not None
+      library = ctypes.CDLL(str(path))
+      handlers = [(target, getattr(library, symbol)) for target, symbol in _HANDLERS.values()]
+    except _BuildTimeout as error:
+      errors.append(str(error))
+      break  # the second build would hang the same way
+    except (OSError, AttributeError, subprocess.SubprocessError) as error:
       errors.append(getattr(error, "stderr", None) or str(error))
       continue
     if not _REGISTERED:  # once per process; the list keeps the library loaded
-      for target, symbol in _HANDLERS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+      for target, handler in handlers:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
       _REGISTERED.append(library)
     return True
   logger.warning(
@@ -191,7 +328,7 @@ def gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Arr
   References:
     `The XLA FFI <https://docs.jax.dev/en/latest/ffi.html>`_.
   """
-  if ("gram", rows.dtype) not in _HANDLERS or not available():
+  if ("gram", rows.dtype) not in _HANDLERS or not _KERNELS_ENABLED.value or not available():
     return fallback(rows)
   return _per_platform_gram(rows, fallback)
 
@@ -244,6 +381,24 @@ def combine(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array, fallback: C
     `transparent huge pages <https://docs.kernel.org/admin-guide/mm/transhuge.html>`_.
   """
   same_dtype = scale_a.dtype == scale_b.dtype == rows.dtype
-  if ("combine", rows.dtype) not in _HANDLERS or not same_dtype or not available():
+  if ("combine", rows.dtype) not in _HANDLERS or not same_dtype or not _KERNELS_ENABLED.value or not available():
     return fallback(rows, scale_a, scale_b)
   return _per_platform_combine(rows, scale_a, scale_b, fallback)
+
+
+def register_cached() -> None:
+  """Registers the handlers of an already built, verified library, without building one.
+
+  Called when the package is imported, so that an executable serialized with
+  the kernels (``jax.experimental.serialize_executable``) runs in a new
+  process that imports :mod:`gradops_jax`. Never compiles and never raises.
+  """
+  if os.environ.get("GRADOPS_JAX_CPU_KERNEL", "1") == "0" or _REGISTERED:
+    return
+  try:
+    compiler = _compiler_command()
+    path = _build(compiler, native=True, build=False) if compiler else None
+    if path is not None:
+      available()
+  except Exception:  # a cache that cannot be used now is diagnosed on first use
+    logger.debug("gradops_jax: no cached kernel registered at import", exc_info=True)
