@@ -92,3 +92,31 @@ def test_ten_thousand_steps_through_cancelling_batches():
   assert int(state[0].fallback_count) == NUM_STEPS // CANCEL_EVERY
   base_losses = np.asarray(base_losses).sum(axis=1)
   assert base_losses[-500:].mean() < 0.5 * base_losses[:500].mean()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_under_strict_dtype_promotion(method):
+  """jax_numpy_dtype_promotion='strict' (no implicit promotion): bfloat16 gradients go through the
+  combine's accumulation dtype and the min-norm solver's zero-task branch, which promoted before."""
+  tree = {"w": jnp.asarray(cases_lib.hard_cases()["zero_task"], jnp.bfloat16)}
+  params = {"w": jnp.zeros(tree["w"].shape[1], jnp.bfloat16)}
+  with jax.numpy_dtype_promotion("strict"):
+    tx = METHODS[method][0](5)
+    updates, _ = jax.jit(tx.update)(tree, tx.init(params), params)
+  chex.assert_tree_all_finite(updates)
+
+
+def test_empty_aggregation_is_no_step_and_no_fallback():
+  tx = gradops_jax.scale_by_gradops(2)
+  state = tx.init({})
+  for _ in range(3):
+    updates, state = tx.update({}, state, {})
+  assert updates == {} and int(state.fallback_count) == 0 and not bool(state.used_fallback)
+  params = {"head": jnp.zeros(3)}
+  with pytest.warns(UserWarning, match="no parameter is marked shared"):
+    shared = gradops_jax.aggregate_shared(gradops_jax.scale_by_gradops(2), 2, {"head": False})
+    state = shared.init(params)
+  for _ in range(3):
+    updates, state = shared.update({"head": jnp.ones((2, 3))}, state, params)
+  np.testing.assert_array_equal(updates["head"], 2.0)
+  assert int(optax.tree.get(state, "fallback_count")) == 0

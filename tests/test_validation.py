@@ -102,3 +102,33 @@ def test_invalid_max_iters(method, max_iters, error):
 def test_value_and_task_grads_needs_vector_of_losses():
   with pytest.raises(ValueError, match="1-D"):
     gradops_jax.value_and_task_grads(lambda w: jnp.sum(w))(jnp.ones(3))
+
+
+@pytest.mark.parametrize(
+  "alpha, error, message",
+  [
+    ("0.5", TypeError, "alpha must be a real number"),
+    (True, TypeError, "alpha must be a real number"),
+    ([0.5, 1.0], ValueError, r"shape \(3,\).*got shape \(2,\)"),
+    (jnp.zeros((3, 1)), ValueError, r"got shape \(3, 1\)"),
+  ],
+)
+def test_alpha_is_a_real_scalar_or_one_per_task(alpha, error, message):
+  with pytest.raises(error, match=message):
+    gradops_jax.scale_by_gradops(3, alpha=alpha)
+
+
+def test_alpha_per_task_is_documented_and_works():
+  assert (
+    "one exponent" in gradops_jax.scale_by_gradops.__doc__ or "own exponent" in gradops_jax.scale_by_gradops.__doc__
+  )
+  tx = gradops_jax.scale_by_gradops(3, alpha=jnp.asarray([-1.0, 0.0, 2.0]))
+  params = {"w": jnp.zeros(4)}
+  grads = {"w": jnp.asarray([[1.0, 0.0, 0.0, 1.0], [-1.0, 1.0, 0.0, 0.0], [0.0, -1.0, 1.0, 0.0]])}
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert jnp.all(jnp.isfinite(updates["w"])) and state.alpha_weights.shape == (3,)
+
+
+def test_value_and_task_grads_refuses_integer_arguments():
+  with pytest.raises(TypeError, match=r"\['n'\] has dtype int32"):
+    gradops_jax.value_and_task_grads(lambda p: jnp.stack([jnp.sum(p["n"]) * 1.0, 0.0]))({"n": jnp.zeros(3, jnp.int32)})

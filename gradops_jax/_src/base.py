@@ -69,6 +69,10 @@ def gram_aggregator(
 
   def update_fn(task_grads, state, params=None):
     validation.check_task_grads(task_grads, num_tasks, params)
+    if not jax.tree.leaves(task_grads):
+      # Nothing to aggregate (an empty tree, or aggregate_shared with no shared leaf): no step was
+      # solved, so the state, fallback counts included, stays as it was.
+      return task_grads, state
     input_dtype = tolerances.least_precise_dtype(task_grads)
     with jax.enable_x64(True):
       gram = passes.task_gram(task_grads, num_tasks)

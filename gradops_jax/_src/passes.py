@@ -291,7 +291,8 @@ def combine(task_grads: Any, weights: jax.Array, implementation: str = "auto") -
 
   def combine_leaf(leaf):
     leaf = jnp.asarray(leaf)
-    accumulation_dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+    # float32, or the leaf's dtype where wider (no implicit promotion: strict mode must work).
+    accumulation_dtype = leaf.dtype if jnp.finfo(leaf.dtype).bits > 32 else jnp.dtype(jnp.float32)
     scale_a, scale_b = _split_into_two_factors(jnp.asarray(weights), accumulation_dtype)
     chosen = implementation
     if chosen == "auto":

@@ -74,6 +74,15 @@ def value_and_task_grads(
       return losses, aux
 
     diff_args = tuple(args[index] for index in argnums_tuple)
+    for index, arg in zip(argnums_tuple, diff_args):
+      for path, leaf in jax.tree_util.tree_leaves_with_path(arg):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+          # jax.grad raises here too; a float0 "gradient" would only fail later, far from the cause.
+          raise TypeError(
+            f"value_and_task_grads differentiates argument {index}, whose leaf "
+            f"{jax.tree_util.keystr(path) or '<root>'} has dtype {jnp.result_type(leaf)}; "
+            "gradients need floating-point inputs (pass integer arguments outside argnums)."
+          )
     losses, vjp_fn, aux = jax.vjp(partial_fun, *diff_args, has_aux=True)
     basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
     grads = jax.lax.map(vjp_fn, basis)

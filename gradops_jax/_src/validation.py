@@ -85,6 +85,21 @@ def solver_hyperparameters(tol: Any, max_iters: Any) -> dict:
   return {"tol": (tol, NONNEGATIVE), "max_iters": (max_iters, POSITIVE_INT)}
 
 
+def check_exponent(name: str, value: Any, num_tasks: int) -> None:
+  """A real scalar, or one real value per task (shape ``(num_tasks,)``); never a bool or a string."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  array = np.asarray(value)
+  if isinstance(value, (bool, np.bool_, str, bytes)) or not (
+    np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+  ):
+    raise TypeError(f"{name} must be a real number (or one per task), got {value!r} of type {type(value).__name__}.")
+  if array.shape not in ((), (num_tasks,)):
+    raise ValueError(
+      f"{name} must be a scalar or have shape ({num_tasks},) (one exponent per task), got shape {array.shape}."
+    )
+
+
 def check_hyperparameters(hyperparameters: dict) -> None:
   """Checks every ``name: (value, Range)`` entry; ``None`` values mean "default"."""
   for name, (value, valid) in hyperparameters.items():

@@ -273,7 +273,8 @@ def scale_by_gradops(
     num_tasks: the number of tasks :math:`T` (static).
     alpha: trade-off exponent :math:`\alpha` of Eq. 5; 0 weights all tasks
       equally (with T = 2 this is PCGrad), > 0 favours dominating tasks,
-      < 0 dominated ones. May be changed during training with
+      < 0 dominated ones. A ``(T,)`` array gives each task its own exponent,
+      :math:`w_i \propto r_i^{\alpha_i}`. May be changed during training with
       ``optax.inject_hyperparams(scale_by_gradops, static_args=('num_tasks',))``.
     rank_rtol: rank tolerance on unit-normalised gradients; default
       :func:`~gradops_jax.default_rank_rtol` of the least precise gradient dtype.
@@ -324,6 +325,7 @@ def scale_by_gradops(
       num_steps=solution.fallback_info.num_steps,
     )
 
+  validation.check_exponent("alpha", alpha, validation.check_num_tasks(num_tasks))
   hyperparameters = {
     "alpha": (alpha, validation.REAL),
     "rank_rtol": (rank_rtol, validation.OPEN_UNIT_INTERVAL),

@@ -207,7 +207,7 @@ def min_norm_simplex_weights(
   a, found = _polish(cosine, scales, a, tol)
   weights = scales * a
   weights = weights / jnp.sum(weights)
-  zero_weights = zero.astype(gram.dtype) / jnp.maximum(jnp.sum(zero), 1)
+  zero_weights = zero.astype(gram.dtype) / jnp.maximum(jnp.sum(zero), 1).astype(gram.dtype)
   has_zero = jnp.any(zero)
   info = accelerated.SolverInfo(info.converged | found | has_zero, info.num_steps)
   return jnp.where(has_zero, zero_weights, weights), info
