@@ -8,7 +8,7 @@
   default a directory under the system's temporary directory): many tests
   compile the same update, and xdist workers share the cache.
 * Hypothesis profiles (``HYPOTHESIS_PROFILE`` or ``--hypothesis-profile``):
-  ``ci`` (the default: 40 examples per property, derandomised, plus every
+  ``ci`` (the default: 25 examples per property, derandomised, plus every
   stored regression example), ``full`` (300, derandomised: the pre-release
   run) and ``thorough`` (10,000, random).
 * ``-m slow`` selects the long runs (10,000-step stress, benchmark smoke run);
@@ -31,7 +31,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=40, derandomize=True, print_blob=True, **_COMMON)
+settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("full", max_examples=300, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("thorough", max_examples=10_000, print_blob=True, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
