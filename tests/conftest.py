@@ -18,6 +18,12 @@
 import os
 import tempfile
 
+# Tests compile thousands of small programs: LLVM's optimisation passes are most of XLA:CPU's
+# compile time and buy nothing for programs that run once. Results stay IEEE arithmetic either
+# way (no fast-math); GRADOPS_JAX_TEST_OPTIMIZED=1 keeps XLA's default level.
+if os.environ.get("GRADOPS_JAX_TEST_OPTIMIZED") != "1":
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
 import jax
 from hypothesis import HealthCheck
 from hypothesis import settings
