@@ -28,7 +28,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +89,7 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / "gradops_jax"
 
 
-def _target_description(compiler: list, flags: tuple) -> str:
+def _target_description(compiler: Sequence[str], flags: tuple) -> str:
   """The compiler's own view of the target it builds for: its predefined macros.
 
   With ``-march=native`` these name the CPU's instruction sets (``__AVX2__``,
@@ -179,14 +179,11 @@ def _verified(library: pathlib.Path) -> bool:
     return False
 
 
-def _build(compiler: list, native: bool, build: bool = True) -> Optional[pathlib.Path]:
-  """Compiles the kernels into the cache, unless a verified build for this setup is there.
-
-  With ``build=False``, returns the verified cached library or ``None``.
-  """
-  flags = _FLAGS + (("-march=native",) if native else ())
+@functools.cache
+def _library_key(compiler: tuple, flags: tuple) -> str:
+  """The cache key of a build: asks the compiler twice, so it is worked out once per process."""
   version = _run_bounded([*compiler, "--version"], _BUILD_TIMEOUT_SECONDS)
-  key = hashlib.sha256(
+  return hashlib.sha256(
     "\n".join(
       [
         *(path.read_text() for path in _SOURCES + _HEADERS),
@@ -198,6 +195,15 @@ def _build(compiler: list, native: bool, build: bool = True) -> Optional[pathlib
       ]
     ).encode()
   ).hexdigest()[:20]
+
+
+def _build(compiler: list, native: bool, build: bool = True) -> Optional[pathlib.Path]:
+  """Compiles the kernels into the cache, unless a verified build for this setup is there.
+
+  With ``build=False``, returns the verified cached library or ``None``.
+  """
+  flags = _FLAGS + (("-march=native",) if native else ())
+  key = _library_key(tuple(compiler), flags)
   directory = _cache_dir()
   directory.mkdir(parents=True, exist_ok=True, mode=0o700)
   _check_trusted(directory)

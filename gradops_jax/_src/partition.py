@@ -24,14 +24,6 @@ SHARED = "shared"
 TASK_SPECIFIC = "task_specific"
 
 
-def _plain_path(path: tuple) -> tuple:
-  """The key path without the ``.value`` through which a Flax NNX Variable holds its array."""
-  path = tuple(path)
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-    return path[:-1]
-  return path
-
-
 def _is_flag(flag: Any) -> bool:
   return isinstance(flag, (bool, np.bool_)) or (
     isinstance(flag, jax.Array) and flag.shape == () and flag.dtype == jnp.bool_
@@ -40,12 +32,12 @@ def _is_flag(flag: Any) -> bool:
 
 def _flags_by_path(mask: Any) -> dict:
   """``{plain key path: flag}`` of a mask pytree, through any NNX Variable wrappers."""
-  return {_plain_path(path): flag for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  return {validation.plain_path(path): flag for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0]}
 
 
 def _shared_flags(shared: Any, tree: Any) -> Any:
   """The tree with one bool per leaf, from a fixed mask, a mask function or a path predicate."""
-  paths = [_plain_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  paths = [validation.plain_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
   if callable(shared):
     try:
       mask = shared(tree)

@@ -111,6 +111,14 @@ def check_hyperparameters(hyperparameters: dict) -> None:
       check_hyperparameter_range(name, value, valid.low, valid.high, valid.high_inclusive)
 
 
+def plain_path(path: tuple) -> tuple:
+  """A key path without the ``.value`` through which a Flax NNX Variable holds its array."""
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    return path[:-1]
+  return path
+
+
 def _leaf_description(path, leaf) -> str:
   return (
     f"leaf {jax.tree_util.keystr(path) or '<root>'} with shape "

@@ -28,6 +28,7 @@ from gradops_jax._src import linalg
 from gradops_jax._src import tolerances
 from gradops_jax._src import validation
 from gradops_jax._src.solvers import min_norm
+from gradops_jax._src.solvers import accelerated
 from gradops_jax._src.solvers.accelerated import SolverInfo
 
 
@@ -233,10 +234,7 @@ def gradops_solve(
   mgda_weights, fallback_info = jax.lax.cond(
     used_fallback,
     lambda: min_norm.min_norm_simplex_weights(gram, mgda_tol, mgda_max_iters),
-    lambda: (
-      jnp.zeros((num_tasks,), gram.dtype),
-      SolverInfo(jnp.array(True), jnp.array(0, jnp.int32)),
-    ),
+    lambda: (jnp.zeros((num_tasks,), gram.dtype), accelerated.no_iterations()),
   )
   return GradOPSSolution(
     weights=jnp.where(used_fallback, mgda_weights, weights),

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradops_jax._src import validation
-from gradops_jax._src.recon.scores import _strip_value
 from gradops_jax._src.recon.scores import default_layer_name
 
 
@@ -188,10 +187,10 @@ def shared_mask(model: BranchedModel, task_specific: Optional[Callable[[tuple], 
   """
   if not isinstance(model, BranchedModel):
     raise TypeError(f"model must be a BranchedModel, got {type(model).__name__}.")
-  branched = {(jax.tree_util.DictKey("model"),) + _strip_value(path) for path in model.branched_paths}
+  branched = {(jax.tree_util.DictKey("model"),) + validation.plain_path(path) for path in model.branched_paths}
 
   def is_shared(path):
-    path = _strip_value(path)
+    path = validation.plain_path(path)
     if path[0] == jax.tree_util.DictKey("branch_copies") or path in branched:
       return False
     return not (task_specific is not None and task_specific(path))

@@ -61,14 +61,6 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
-def _strip_value(path: tuple) -> tuple:
-  """The key path without the ``.value`` through which an NNX Variable holds its array."""
-  path = tuple(path)
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-    return path[:-1]
-  return path
-
-
 def default_layer_name(path: tuple) -> str:
   """The layer of a parameter leaf: its path without the last key, joined by ``/``.
 
@@ -83,7 +75,7 @@ def default_layer_name(path: tuple) -> str:
   Returns:
     The layer name.
   """
-  names = [_key_name(key) for key in _strip_value(path)]
+  names = [_key_name(key) for key in validation.plain_path(path)]
   return "/".join(names[:-1] if len(names) > 1 else names)
 
 
