@@ -791,7 +791,10 @@ def main(argv=None):
   results["shared_partition"] = bench_shared_partition(m["width"], [3, 8], 256, m["repeats"])
   results["task_gradients"] = bench_task_gradients(m["width"], 3, 256, m["repeats"])
   results["bounds"] = bench_bounds(m["method_size"], m["method_tasks"], m["repeats"])
-  table = markdown(results)
+  from benchmarks import engines  # imports this module's timing helpers
+
+  results["engines"], results["engine_budget"] = engines.run(mode)
+  table = markdown(results) + "\n" + engines.markdown(results["engines"], results["engine_budget"])
   print(table)
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / f"{mode}.md").write_text(table)

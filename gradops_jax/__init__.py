@@ -7,6 +7,8 @@ from gradops_jax._src.base import WeightsState
 from gradops_jax._src.kernels import available as kernels_available
 from gradops_jax._src.kernels import kernels_disabled
 from gradops_jax._src.kernels import register_cached as _register_cached_kernels
+from gradops_jax._src.gramian_engine import nnx_value_and_aggregated_grad
+from gradops_jax._src.gramian_engine import value_and_aggregated_grad
 from gradops_jax._src.linalg import cosine_from_gram
 from gradops_jax._src.methods.aligned_mtl import scale_by_aligned_mtl
 from gradops_jax._src.methods.cagrad import scale_by_cagrad
@@ -55,6 +57,7 @@ __all__ = (
   "kernels_available",
   "kernels_disabled",
   "leaf_gram",
+  "nnx_value_and_aggregated_grad",
   "nnx_value_and_task_grads",
   "project_onto_simplex",
   "recon",
@@ -71,6 +74,7 @@ __all__ = (
   "scale_by_upgrad",
   "task_gram",
   "task_multi_steps",
+  "value_and_aggregated_grad",
   "value_and_task_grads",
   "weightings",
 )

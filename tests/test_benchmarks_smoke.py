@@ -18,3 +18,6 @@ def test_benchmark_entry_point_tiny(tmp_path, capsys):
   assert json.loads((tmp_path / "tiny.json").read_text())["mode"] == "tiny"
   assert results["compile"]["retraces_over_steps"] == 0
   assert {row["method"] for row in results["methods"]} >= {"GradOPS", "PCGrad", "MGDA", "UPGrad"}
+  assert "Gramian engine vs stacked engine" in out
+  assert {(row["model"], row["T"]) for row in results["engines"]} == {("mlp", 2), ("mlp", 3), ("cnn", 2), ("cnn", 3)}
+  assert set(results["engine_budget"]["largest"]) <= {"summed", "stacked", "gramian"}

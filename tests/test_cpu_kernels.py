@@ -13,7 +13,7 @@ import gradops_jax
 
 # White-box: the factor split that the kernel and XLA share, and the build itself.
 from gradops_jax._src import kernels as cpu_kernels
-from gradops_jax._src.passes import _split_into_two_factors
+from gradops_jax._src.passes import split_into_two_factors
 
 GRAM_TARGETS = ("gradops_jax_gram_f32", "gradops_jax_gram_f64")
 COMBINE_TARGETS = ("gradops_jax_combine_f32", "gradops_jax_combine_f64")
@@ -157,7 +157,7 @@ def test_without_the_kernels_both_passes_stay_in_xla(monkeypatch, caplog, tmp_pa
 def _sequential_combination(rows, coefficients):
   """The combine's arithmetic, literally: ``(g_k * a_k) * b_k`` added task after task in the rows' dtype."""
   with jax.enable_x64(True):
-    factors = _split_into_two_factors(jnp.asarray(coefficients), rows.dtype)
+    factors = split_into_two_factors(jnp.asarray(coefficients), rows.dtype)
   scale_a, scale_b = (np.asarray(factor) for factor in factors)
   total = (rows[0] * scale_a[0]) * scale_b[0]
   for task in range(1, len(rows)):

@@ -73,3 +73,14 @@ def test_progress_prints_plain_lines_when_not_on_a_terminal():
   assert list(script_support.progress(range(5), desc="steps", every=0.0, stream=stream)) == list(range(5))
   lines = stream.getvalue().splitlines()
   assert lines[0].startswith("steps: 0/5") and lines[-1].startswith("steps: 5/5") and len(lines) == 6
+
+
+def test_gramian_engine_example_trains_and_reports_memory(capsys):
+  example = _load_example("gramian_engine")
+  losses = example.main(steps=60, width=64, depth=8, batch=8)
+  out = capsys.readouterr().out
+  buffers = {line.split()[0]: float(line.split(":")[1].split()[0]) for line in out.splitlines() if "engine:" in line}
+  assert buffers["Gramian"] < buffers["stacked"], buffers
+  means = [float(line.split()[5]) for line in out.splitlines() if line.startswith("step")]
+  assert means[-1] < 0.8 * means[0], means
+  assert losses.shape == (example.NUM_TASKS,)

@@ -65,3 +65,14 @@ def test_data_parallel_aggregator_communicates_nothing(report, axis_type):
   for op in MOVING:
     assert run["step_collectives"][op]["count"] == 0
   assert run["max_relative_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+@pytest.mark.parametrize("method", ["gradops", "upgrad"])
+def test_gramian_engine_on_sharded_parameters_gathers_nothing(report, axis_type, method):
+  run = report["gramian_engine"][axis_type][method]
+  for op in MOVING:
+    assert run["collectives"][op]["count"] == 0, (op, run["collectives"])
+  assert run["collectives"]["all-reduce"]["bytes"] <= 0.01 * run["gradient_bytes"]
+  assert run["output_sharded_like_params"]
+  assert run["max_abs_diff"] <= 1e-6 * run["max_abs_update"]

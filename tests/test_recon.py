@@ -323,6 +323,9 @@ def test_branched_model_with_task_axis_last():
   branched, _ = recon.branch_layers(model, ["trunk"], 3, output_axis=-1)
   np.testing.assert_allclose(branched(x), model(x), rtol=1e-6)
   with pytest.raises(ValueError, match="axis 0 of size 3"):
-    recon.branch_layers(model, ["trunk"], 3)[0](x)
+    recon.branch_layers(model, ["trunk"], 3, output_axis=0)[0](x)
+  # Without output_axis, a batch of size T must not pass for the task axis.
+  with pytest.raises(ValueError, match="pass output_axis"):
+    recon.branch_layers(model, ["trunk"], 3)[0](x[:3])
   with pytest.raises(TypeError, match="BranchedModel"):
     recon.shared_mask(model)

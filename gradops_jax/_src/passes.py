@@ -24,6 +24,67 @@ GRAM_IMPLEMENTATIONS = ("auto", "kernel", "scan", "blocked")
 COMBINE_IMPLEMENTATIONS = ("auto", "kernel", "xla")
 
 
+class _EngineOnly:
+  """Refuses arithmetic: only this module's passes may read an engine leaf."""
+
+  def _refuse(self, *args, **kwargs):
+    raise TypeError(
+      f"{type(self).__name__} is a leaf of gradops_jax.value_and_aggregated_grad, which only "
+      "gradops_jax's Gram and combine passes read. A transform that computes with the task "
+      "gradients or the update (an optimiser, optax.scale, ...) must come after the engine: "
+      "chain the optimiser after the engine, not inside the aggregator."
+    )
+
+  __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
+  __neg__ = __pow__ = __matmul__ = __rmatmul__ = __array__ = __jax_array__ = _refuse
+
+
+class JacobianRows(_EngineOnly):
+  r"""One leaf of the stacked Jacobian inside the Gramian engine: for Gram reductions only.
+
+  :func:`gradops_jax.value_and_aggregated_grad` hands an aggregator these in
+  place of the stacked task gradients. :func:`leaf_gram` reduces them as
+  usual; :func:`combine` does not read them but returns a
+  :class:`PendingCombination`, which the engine turns into a vector-Jacobian
+  product. So nothing but the Gram reduction consumes a stacked leaf, and XLA
+  can free each one as soon as its :math:`T \times T` contribution is taken.
+  Shape and dtype are those of the stacked leaf, for validation.
+  """
+
+  def __init__(self, rows: jax.Array, index: int):
+    self.rows = rows
+    self.index = index
+
+  @property
+  def shape(self) -> tuple:
+    return tuple(self.rows.shape)
+
+  @property
+  def ndim(self) -> int:
+    return self.rows.ndim
+
+  @property
+  def dtype(self):
+    return self.rows.dtype
+
+  def __repr__(self) -> str:
+    return f"JacobianRows(shape={self.shape}, dtype={self.dtype})"
+
+
+class PendingCombination(_EngineOnly):
+  r"""Leaf ``index`` of :math:`\sum_k \beta_k g_k`, left for the Gramian engine to compute.
+
+  A plain class, not a pytree node: it must stay one leaf through the
+  aggregator's tree operations (:func:`optax.partition` merges its parts).
+  """
+
+  def __init__(self, weights: jax.Array, index: int, shape: tuple, dtype: Any):
+    self.weights = weights
+    self.index = index
+    self.shape = shape
+    self.dtype = dtype
+
+
 def _check_implementation(implementation: str, allowed: tuple) -> None:
   if implementation not in allowed:
     raise ValueError(f"implementation must be one of {allowed}, got {implementation!r}.")
@@ -185,6 +246,8 @@ def leaf_gram(leaf: jax.Array, implementation: str = "auto") -> jax.Array:
      [11. 25.]]
   """
   _check_implementation(implementation, GRAM_IMPLEMENTATIONS)
+  if isinstance(leaf, JacobianRows):
+    leaf = leaf.rows
   if implementation == "auto":
     implementation = "blocked" if _may_be_sharded(leaf) else "kernel"
   if implementation == "blocked":
@@ -227,7 +290,7 @@ def task_gram(task_grads: Any, num_tasks: int, implementation: str = "auto") -> 
   return gram
 
 
-def _split_into_two_factors(coefficients: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+def split_into_two_factors(coefficients: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   """Splits float64 coefficients ``c`` into ``a * b`` with a power of two ``a``.
 
   Both factors stay within the range of ``dtype`` for ``|c|`` up to the square
@@ -290,10 +353,12 @@ def combine(task_grads: Any, weights: jax.Array, implementation: str = "auto") -
   _check_implementation(implementation, COMBINE_IMPLEMENTATIONS)
 
   def combine_leaf(leaf):
+    if isinstance(leaf, JacobianRows):
+      return PendingCombination(jnp.asarray(weights), leaf.index, leaf.shape[1:], leaf.dtype)
     leaf = jnp.asarray(leaf)
     # float32, or the leaf's dtype where wider (no implicit promotion: strict mode must work).
     accumulation_dtype = leaf.dtype if jnp.finfo(leaf.dtype).bits > 32 else jnp.dtype(jnp.float32)
-    scale_a, scale_b = _split_into_two_factors(jnp.asarray(weights), accumulation_dtype)
+    scale_a, scale_b = split_into_two_factors(jnp.asarray(weights), accumulation_dtype)
     chosen = implementation
     if chosen == "auto":
       chosen = "xla" if _may_be_sharded(leaf) else "kernel"

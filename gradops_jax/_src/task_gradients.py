@@ -1,10 +1,51 @@
 """Per-task gradients of a function that returns a vector of task losses."""
 
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union, cast
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+
+
+def losses_and_vjp(
+  fun: Callable[..., Any],
+  argnums: Union[int, Sequence[int]],
+  has_aux: bool,
+  args: tuple,
+  kwargs: dict,
+  caller: str,
+) -> tuple[jax.Array, Callable[..., Any], Any]:
+  """``(losses, vjp_fn, aux)`` of ``fun(*args, **kwargs)`` in the arguments ``argnums``.
+
+  Checks that the output is a 1-D vector of losses and that every
+  differentiated leaf is floating point, naming ``caller`` in the errors.
+  """
+  argnums_tuple = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+  def partial_fun(*diff_args):
+    full_args = list(args)
+    for index, value in zip(argnums_tuple, diff_args):
+      full_args[index] = value
+    out = fun(*full_args, **kwargs)
+    losses, aux = out if has_aux else (out, None)
+    losses = jnp.asarray(losses)
+    if losses.ndim != 1:
+      raise ValueError(
+        f"{caller} needs fun to return a 1-D vector of task losses, got an array of shape {losses.shape}."
+      )
+    return losses, aux
+
+  diff_args = tuple(args[index] for index in argnums_tuple)
+  for index, arg in zip(argnums_tuple, diff_args):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(arg):
+      if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        # jax.grad raises here too; a float0 "gradient" would only fail later, far from the cause.
+        raise TypeError(
+          f"{caller} differentiates argument {index}, whose leaf "
+          f"{jax.tree_util.keystr(path) or '<root>'} has dtype {jnp.result_type(leaf)}; "
+          "gradients need floating-point inputs (pass integer arguments outside argnums)."
+        )
+  return jax.vjp(partial_fun, *diff_args, has_aux=True)
 
 
 def value_and_task_grads(
@@ -57,33 +98,9 @@ def value_and_task_grads(
   Raises:
     ValueError: if ``fun`` does not return a 1-D array of losses.
   """
-  argnums_tuple = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
   def wrapped(*args, **kwargs):
-    def partial_fun(*diff_args):
-      full_args = list(args)
-      for index, value in zip(argnums_tuple, diff_args):
-        full_args[index] = value
-      out = fun(*full_args, **kwargs)
-      losses, aux = out if has_aux else (out, None)
-      losses = jnp.asarray(losses)
-      if losses.ndim != 1:
-        raise ValueError(
-          f"value_and_task_grads needs fun to return a 1-D vector of task losses, got an array of shape {losses.shape}."
-        )
-      return losses, aux
-
-    diff_args = tuple(args[index] for index in argnums_tuple)
-    for index, arg in zip(argnums_tuple, diff_args):
-      for path, leaf in jax.tree_util.tree_leaves_with_path(arg):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-          # jax.grad raises here too; a float0 "gradient" would only fail later, far from the cause.
-          raise TypeError(
-            f"value_and_task_grads differentiates argument {index}, whose leaf "
-            f"{jax.tree_util.keystr(path) or '<root>'} has dtype {jnp.result_type(leaf)}; "
-            "gradients need floating-point inputs (pass integer arguments outside argnums)."
-          )
-    losses, vjp_fn, aux = jax.vjp(partial_fun, *diff_args, has_aux=True)
+    losses, vjp_fn, aux = losses_and_vjp(fun, argnums, has_aux, args, kwargs, "value_and_task_grads")
     basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
     grads = jax.lax.map(vjp_fn, basis)
     grads = grads[0] if isinstance(argnums, int) else grads
@@ -143,17 +160,32 @@ def nnx_value_and_task_grads(
   """
 
   def wrapped(model, *args, **kwargs):
-    graphdef, diff_state, other_state = nnx.split(model, wrt, ...)
-
-    def pure(diff_state):
-      inner = nnx.merge(graphdef, diff_state, other_state, copy=True)
-      out = fun(inner, *args, **kwargs)
-      losses, aux = out if has_aux else (out, None)
-      return losses, (aux, nnx.state(inner, nnx.Not(wrt)))
-
+    pure, diff_state = nnx_pure_losses(fun, model, wrt, has_aux, args, kwargs)
     (losses, (aux, new_other_state)), task_grads = value_and_task_grads(pure, has_aux=True)(diff_state)
     nnx.update(model, new_other_state)
     value = (losses, aux) if has_aux else losses
     return value, task_grads
 
   return wrapped
+
+
+def nnx_pure_losses(
+  fun: Callable[..., Any], model: Any, wrt: Any, has_aux: bool, args: tuple, kwargs: dict
+) -> tuple[Callable[[Any], Any], Any]:
+  """``(pure, diff_state)``: ``fun(model, ...)`` as a pure function of the ``wrt`` state.
+
+  ``pure(diff_state)`` returns ``(losses, (aux, other_state))``, where
+  ``other_state`` is the non-differentiated state after the forward pass (to
+  be written back with :func:`nnx.update`). The model is merged with
+  ``copy=True`` so that the forward pass may mutate it.
+  """
+  # nnx.split's return type is a variadic tuple; with two filters it has three parts.
+  graphdef, diff_state, other_state = cast(Any, nnx.split(model, wrt, ...))
+
+  def pure(diff_state):
+    inner = nnx.merge(graphdef, diff_state, other_state, copy=True)
+    out = fun(inner, *args, **kwargs)
+    losses, aux = out if has_aux else (out, None)
+    return losses, (aux, nnx.state(inner, nnx.Not(wrt)))
+
+  return pure, diff_state

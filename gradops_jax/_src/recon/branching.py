@@ -11,12 +11,20 @@ from gradops_jax._src import validation
 from gradops_jax._src.recon.scores import default_layer_name
 
 
-def _check_task_outputs(outputs: Any, num_tasks: int, output_axis: int) -> None:
+def _check_task_outputs(outputs: Any, num_tasks: int, output_axis: Optional[int]) -> None:
   """Raises a clear error unless ``outputs`` holds the T task outputs."""
   if isinstance(outputs, (tuple, list)) and len(outputs) == num_tasks:
     return
-  if isinstance(outputs, jax.Array) and outputs.ndim and outputs.shape[output_axis] == num_tasks:
-    return
+  if isinstance(outputs, jax.Array) and output_axis is None:
+    # Guessing would read a batch axis of size T as the task axis.
+    raise ValueError(
+      f"The model returns one array of shape {outputs.shape}: pass output_axis to "
+      f"branch_layers, the axis of its {num_tasks} task outputs (e.g. output_axis=-1 for "
+      "outputs of shape (batch, T))."
+    )
+  if isinstance(outputs, jax.Array) and output_axis is not None and outputs.ndim:
+    if outputs.shape[output_axis] == num_tasks:
+      return
   raise ValueError(
     f"A branched model must return its {num_tasks} task outputs, as a tuple or list "
     f"of length {num_tasks} or an array with an axis {output_axis} of size {num_tasks}; "
@@ -24,10 +32,11 @@ def _check_task_outputs(outputs: Any, num_tasks: int, output_axis: int) -> None:
   )
 
 
-def _own_task_outputs(lane_outputs: Any, num_tasks: int, output_axis: int) -> Any:
+def _own_task_outputs(lane_outputs: Any, num_tasks: int, output_axis: Optional[int]) -> Any:
   """Output t of lane t, for every task t, in the structure of one lane's output."""
   if isinstance(lane_outputs, (tuple, list)):
     return type(lane_outputs)(jax.tree.map(lambda leaf: leaf[task], lane_outputs[task]) for task in range(num_tasks))
+  assert output_axis is not None  # _check_task_outputs ran on every lane
   axis = output_axis % (lane_outputs.ndim - 1)
   own = [jnp.take(lane_outputs[task], task, axis=axis) for task in range(num_tasks)]
   return jnp.stack(own, axis=axis)
@@ -47,12 +56,12 @@ class BranchedModel(nnx.Module):
 
   Structural requirements on the wrapped model: its ``__call__`` returns its
   T task outputs (a tuple or list of length T, or an array with a task axis
-  ``output_axis`` of size T), and its non-parameter state changed by the
+  ``output_axis`` of size T, which must then be given), and its non-parameter state changed by the
   forward pass (RNG counts, batch statistics) is written back from task 0's
   lane. The branched model returns outputs of the same structure.
   """
 
-  def __init__(self, model: nnx.Module, paths: tuple, num_tasks: int, output_axis: int = 0):
+  def __init__(self, model: nnx.Module, paths: tuple, num_tasks: int, output_axis: Optional[int] = None):
     params = nnx.state(model, nnx.Param)
     values = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     self.model = model
@@ -87,7 +96,7 @@ def branch_layers(
   layers: Sequence[str],
   num_tasks: int,
   layer_name: Callable[[tuple], str] = default_layer_name,
-  output_axis: int = 0,
+  output_axis: Optional[int] = None,
 ) -> tuple:
   r"""Turns the given shared layers of an NNX model into task-specific ones (Recon).
 
@@ -110,7 +119,9 @@ def branch_layers(
     num_tasks: T.
     layer_name: maps a parameter's key path to its layer name.
     output_axis: when the model returns one array, its task axis (e.g. -1
-      for logits of shape ``(batch, T)``).
+      for logits of shape ``(batch, T)``); required then, since a batch axis
+      of size T would otherwise pass for the task axis. Not used when the
+      model returns a tuple or list of T outputs.
 
   Returns:
     ``(branched_model, num_added_parameters)``.
