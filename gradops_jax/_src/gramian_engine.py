@@ -54,13 +54,7 @@ def _weighted_vjp(vjp_fn: Callable[..., Any], weights: jax.Array, cotangent_dtyp
     shift = exponent - jnp.clip(exponent, -_COTANGENT_EXPONENT, _COTANGENT_EXPONENT)
     scale = jnp.ldexp(jnp.ones((), jnp.float64), shift)
     cotangent = (weights / scale).astype(cotangent_dtype)
-    # The VJP closes over the forward pass's residuals. Passing them through a barrier with the
-    # cotangent keeps XLA from sharing what both backward passes derive from them (transposed
-    # kernels): shared, those would stay alive from the batched backward pass to this one.
-    residuals, structure = jax.tree.flatten(vjp_fn)
-    zero = jnp.zeros((), cotangent_dtype) * cotangent[0]
-    residuals = [r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r for r in residuals]
-    grads = jax.tree.unflatten(structure, residuals)(cotangent)
+    grads = vjp_fn(cotangent)
     grads = grads[0] if single else grads
     return [_rescale(leaf, scale) for leaf in jax.tree.leaves(grads)]
 
