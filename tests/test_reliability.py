@@ -120,3 +120,33 @@ def test_empty_aggregation_is_no_step_and_no_fallback():
     updates, state = shared.update({"head": jnp.ones((2, 3))}, state, params)
   np.testing.assert_array_equal(updates["head"], 2.0)
   assert int(optax.tree.get(state, "fallback_count")) == 0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_eager_update_compiles_once_per_shape(method):
+  """Calling ``update`` without jit compiles on the first call only, and gives the jitted result."""
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if "backend_compile" in event:
+      compiles.append(event)
+
+  tx = METHODS[method][0](3)
+  params = {"w": jnp.zeros(8), "b": jnp.zeros(())}
+  state = tx.init(params)
+  steps = [{"w": jax.random.normal(jax.random.key(seed), (3, 8)), "b": jnp.arange(3.0) - seed} for seed in range(3)]
+  jitted_state, jitted = state, []
+  for grads in steps:
+    updates, jitted_state = jax.jit(tx.update)(grads, jitted_state, params)
+    jitted.append(updates)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for index, grads in enumerate(steps):
+      compiles.clear()
+      updates, state = tx.update(grads, state, params)
+      jax.block_until_ready(updates)
+      if index:
+        assert not compiles, f"eager call {index} compiled {len(compiles)} programs"
+      chex.assert_trees_all_close(updates, jitted[index], rtol=1e-6, atol=1e-7)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

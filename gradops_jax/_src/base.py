@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradops_jax._src import passes
@@ -38,6 +39,29 @@ def _cast_like(new: jax.Array, old: jax.Array) -> jax.Array:
     largest = float(jnp.finfo(old.dtype).max)
     new = jnp.clip(new, -largest, largest)
   return new.astype(old.dtype)
+
+
+def _is_concrete_array(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) and not isinstance(leaf, jax.core.Tracer)
+
+
+def compiled_when_eager(update: Callable[..., Any]) -> Callable[..., Any]:
+  """``update``, run through one cached :func:`jax.jit` when called outside any trace.
+
+  Called eagerly, the solvers' loops would be compiled afresh on every call
+  (their bodies are new closures each time): seconds per step. Inside
+  ``jit``, ``vmap`` or ``grad`` (any tracer among the arguments), and for the
+  Gramian engine's leaves, ``update`` runs as it is.
+  """
+  compiled = jax.jit(update)
+
+  def update_fn(task_grads, state, params=None):
+    leaves = jax.tree.leaves((task_grads, state, params))
+    if leaves and all(_is_concrete_array(leaf) for leaf in leaves):
+      return compiled(task_grads, state, params)
+    return update(task_grads, state, params)
+
+  return update_fn
 
 
 def gram_aggregator(
@@ -81,7 +105,7 @@ def gram_aggregator(
       new_state = jax.tree.map(_cast_like, new_state, state)
     return updates, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, compiled_when_eager(update_fn))
 
 
 class WeightsState(NamedTuple):

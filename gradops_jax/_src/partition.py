@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradops_jax._src import base
 from gradops_jax._src import passes
 from gradops_jax._src import validation
 
@@ -106,7 +107,7 @@ def _sum_over_tasks(num_tasks: int) -> optax.GradientTransformation:
     validation.check_params(params)
     return optax.EmptyState()
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, base.compiled_when_eager(update_fn))
 
 
 def aggregate_shared(

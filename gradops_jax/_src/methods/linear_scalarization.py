@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradops_jax._src import base
 from gradops_jax._src import passes
 from gradops_jax._src import validation
 
@@ -60,4 +61,4 @@ def scale_by_linear_scalarization(
     with jax.enable_x64(True):
       return passes.combine(task_grads, jnp.asarray(fixed, jnp.float64)), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, base.compiled_when_eager(update_fn))
