@@ -150,3 +150,27 @@ def test_eager_update_compiles_once_per_shape(method):
       chex.assert_trees_all_close(updates, jitted[index], rtol=1e-6, atol=1e-7)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# Methods whose update is exactly zero for collinear tasks of both signs (Pareto-stationary).
+STATIONARY_ZERO = ("gradops", "gradops_alpha-2", "mgda", "upgrad", "pcgrad", "gradvac", "imtl_g")
+
+
+@pytest.mark.parametrize("method", STATIONARY_ZERO)
+def test_pareto_stationary_tasks_give_an_exactly_zero_update(method):
+  """``g2 = -0.3 g1`` in float32: the exact combination is zero, and so must the update be, not
+  rounding noise in a random direction that Adam would turn into a full step."""
+  g1 = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+  cases = [np.stack([g1, np.float32(-0.3) * g1]), np.stack([g1, np.float32(-0.3) * g1, np.float32(0.7) * g1])]
+  for matrix in cases:
+    tx = METHODS[method][0](matrix.shape[0])
+    step = jax.jit(tx.update)
+    params = {"w": jnp.zeros(1000), "b": jnp.zeros(())}
+    grads = {"w": jnp.asarray(matrix), "b": jnp.zeros(matrix.shape[0])}
+    updates, _ = step(grads, tx.init(params), params)
+    assert not np.any(np.asarray(updates["w"])), np.linalg.norm(np.asarray(updates["w"])) / np.linalg.norm(g1)
+    # A conflict far above rounding is kept: the update is not zeroed.
+    tilted = matrix.copy()
+    tilted[1, :10] += 1e-3
+    updates, _ = step({"w": jnp.asarray(tilted), "b": grads["b"]}, tx.init(params), params)
+    assert np.linalg.norm(np.asarray(updates["w"])) > 1e-6 * np.linalg.norm(g1)

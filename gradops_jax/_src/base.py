@@ -6,7 +6,9 @@ hyperparameters) to :math:`T` weights :math:`\beta`. :func:`gram_aggregator`
 wraps it into an :class:`optax.GradientTransformation` that validates the
 stacked per-task gradients at trace time, reduces them to the Gram matrix
 (exact float64 accumulation, :mod:`gradops_jax._src.passes`), calls the
-solve, and returns the parameter-shaped update :math:`\sum_k \beta_k g_k`.
+solve, and returns the parameter-shaped update :math:`\sum_k \beta_k g_k`,
+exactly zero where it would be rounding noise
+(:func:`gradops_jax._src.tolerances.without_rounding_noise`).
 """
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -101,7 +103,7 @@ def gram_aggregator(
     with jax.enable_x64(True):
       gram = passes.task_gram(task_grads, num_tasks)
       weights, new_state = solve(gram, state, input_dtype)
-      updates = passes.combine(task_grads, weights)
+      updates = passes.combine(task_grads, tolerances.without_rounding_noise(gram, weights, input_dtype))
       new_state = jax.tree.map(_cast_like, new_state, state)
     return updates, new_state
 

@@ -12,7 +12,10 @@ gradients it came from carry the rounding of *their* dtype. So:
   norm of a combination :math:`\|g_w\|^2 = w^\top K w`) uses float64 alone
   (:func:`gram_rank_rtol`);
 * a test inside a solver compares against the rounding of its own float64
-  arithmetic (:func:`rounding_bound`, :func:`eigen_resolution`).
+  arithmetic (:func:`rounding_bound`, :func:`eigen_resolution`);
+* whether an update is rounding noise compares its exact norm with the
+  combine's error bound in the combine's accumulation dtype
+  (:func:`without_rounding_noise`).
 """
 
 from typing import Any
@@ -72,3 +75,31 @@ def rounding_bound(num_tasks: int, magnitude: jax.Array) -> jax.Array:
   r"""Bound :math:`2 (T + 2)\,\epsilon\,m` on the rounding of T-term sums of size ``magnitude``."""
   eps = jnp.finfo(jnp.result_type(magnitude)).eps
   return 2 * (num_tasks + 2) * eps * magnitude
+
+
+def without_rounding_noise(gram: jax.Array, weights: jax.Array, input_dtype: Any) -> jax.Array:
+  r"""The weights, or zeros where :math:`\sum_k \beta_k g_k` would be rounding noise.
+
+  The combine adds T float32 terms (float64 for float64 gradients), so its
+  result is off by up to :math:`\gamma \sum_k |\beta_k|\,\|g_k\|` in norm,
+  :math:`\gamma = (T + 2)\,\epsilon`. When the exact combination's norm,
+  :math:`\sqrt{\beta^\top K \beta}` from the float64 Gram matrix, is within
+  that bound, the computed update would be noise in a random direction
+  (Pareto-stationary tasks, such as two exactly opposite ones, whose
+  weights cancel them): the weights are then zero, and so is the update.
+
+  Args:
+    gram: the ``(T, T)`` float64 Gram matrix.
+    weights: the ``(T,)`` float64 combination weights.
+    input_dtype: the least precise gradient dtype.
+
+  Returns:
+    ``weights``, or zeros of their shape and dtype.
+  """
+  num_tasks = gram.shape[0]
+  accumulation = jnp.float64 if jnp.finfo(input_dtype).bits > 32 else jnp.float32
+  gamma = (num_tasks + 2) * float(jnp.finfo(accumulation).eps)
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
+  size = jnp.sum(jnp.abs(weights) * norms)
+  squared_norm = weights @ gram @ weights
+  return jnp.where(squared_norm <= (gamma * size) ** 2, jnp.zeros_like(weights), weights)
