@@ -14,7 +14,6 @@ side by side (:func:`benchmarks.run.median_times`). ``run.py`` includes this
 section.
 """
 
-import argparse
 import os
 import pathlib
 import platform
@@ -28,6 +27,7 @@ import optax
 import gradops_jax
 from benchmarks.run import cpu_model
 from benchmarks.run import median_times
+from benchmarks.run import mode_parser
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -76,33 +76,44 @@ def model_and_data(kind, size, num_tasks, batch):
   return graphdef, params, x, y
 
 
-def steps(graphdef, num_tasks, aggregator, optimizer):
-  """The three jitted training steps ``(params, opt_state, agg_state, x, y) -> (params, opt_state, agg_state)``."""
+def training_steps(task_losses, aggregator, optimizer):
+  """The three training steps ``(params, opt_state, agg_state, *batch) -> (params, opt_state, agg_state)``.
 
-  def task_losses(params, x, y):
-    return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2, axis=0)
+  ``summed``: the gradient of the summed task losses; ``stacked``:
+  :func:`gradops_jax.value_and_task_grads` then ``aggregator.update``;
+  ``gramian``: :func:`gradops_jax.value_and_aggregated_grad`. Each ends with
+  ``optimizer``. Not jitted (``tests/test_gramian_engine.py`` uses them too).
+  """
+  engine = gradops_jax.value_and_aggregated_grad(task_losses, aggregator)
 
-  def summed(params, opt_state, agg_state, x, y):
-    grads = jax.grad(lambda p: jnp.sum(task_losses(p, x, y)))(params)
+  def summed(params, opt_state, agg_state, *batch):
+    grads = jax.grad(lambda p: jnp.sum(task_losses(p, *batch)))(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, agg_state
 
-  def stacked(params, opt_state, agg_state, x, y):
-    _, task_grads = gradops_jax.value_and_task_grads(task_losses)(params, x, y)
+  def stacked(params, opt_state, agg_state, *batch):
+    _, task_grads = gradops_jax.value_and_task_grads(task_losses)(params, *batch)
     updates, agg_state = aggregator.update(task_grads, agg_state, params)
     updates, opt_state = optimizer.update(updates, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, agg_state
 
-  engine = gradops_jax.value_and_aggregated_grad(task_losses, aggregator)
-
-  def gramian(params, opt_state, agg_state, x, y):
-    _, updates, agg_state = engine(agg_state, params, x, y)
+  def gramian(params, opt_state, agg_state, *batch):
+    _, updates, agg_state = engine(agg_state, params, *batch)
     updates, opt_state = optimizer.update(updates, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, agg_state
 
+  return {"summed": summed, "stacked": stacked, "gramian": gramian}
+
+
+def steps(graphdef, aggregator, optimizer):
+  """:func:`training_steps` of an NNX model's MSE task losses, jitted with parameters and states donated."""
+
+  def task_losses(params, x, y):
+    return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2, axis=0)
+
   return {
     name: jax.jit(step, donate_argnums=(0, 1, 2))
-    for name, step in (("summed", summed), ("stacked", stacked), ("gramian", gramian))
+    for name, step in training_steps(task_losses, aggregator, optimizer).items()
   }
 
 
@@ -127,7 +138,7 @@ def bench_engines(models, tasks, repeats, timed_tasks=(3, 8)):
       num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
       largest = max(leaf.size for leaf in jax.tree.leaves(params))
       aggregator, optimizer = gradops_jax.scale_by_gradops(num_tasks), optax.adam(1e-3)
-      compiled = steps(graphdef, num_tasks, aggregator, optimizer)
+      compiled = steps(graphdef, aggregator, optimizer)
       row = {
         "model": kind,
         "size": list(size),
@@ -165,7 +176,7 @@ def bench_budget(budget_bytes, num_tasks, width, depths, batch):
   for depth in depths:
     graphdef, params, x, y = model_and_data("mlp", (width, depth), num_tasks, batch)
     aggregator, optimizer = gradops_jax.scale_by_gradops(num_tasks), optax.adam(1e-3)
-    for name, step in steps(graphdef, num_tasks, aggregator, optimizer).items():
+    for name, step in steps(graphdef, aggregator, optimizer).items():
       _, total = memory(step, params, optimizer.init(params), aggregator.init(params), x, y)
       if total <= budget_bytes:
         largest[name] = {"depth": depth, "params": sum(leaf.size for leaf in jax.tree.leaves(params))}
@@ -241,12 +252,7 @@ def run(mode):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  group = parser.add_mutually_exclusive_group()
-  for mode in MODES:
-    group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode)
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-  args = parser.parse_args(argv)
+  args = mode_parser(__doc__, MODES, RESULTS).parse_args(argv)
   mode = args.mode or "quick"
   rows, budget = run(mode)
   machine = f"{platform.machine()} ({cpu_model()}), {len(os.sched_getaffinity(0))} cores, jax {jax.__version__}"

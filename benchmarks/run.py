@@ -755,12 +755,18 @@ MODES = {
 }
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def mode_parser(doc, modes, results):
+  """A command line with one flag per mode (``--tiny``, ``--quick``, ...) and ``--out``."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   group = parser.add_mutually_exclusive_group()
-  for mode in MODES:
+  for mode in modes:
     group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode)
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--out", type=pathlib.Path, default=results)
+  return parser
+
+
+def main(argv=None):
+  parser = mode_parser(__doc__, MODES, RESULTS)
   parser.add_argument(
     "--keep-freed-memory",
     action="store_true",

@@ -78,6 +78,20 @@ def stacked_grads():
   return grads
 
 
+def sharded_report(hlo, stacked, out, single):
+  """Collectives of ``hlo``, the stacked gradients' bytes, and how the sharded update ``out``
+  compares with the single-device ``single`` (values and shardings)."""
+  return {
+    "collectives": collectives(hlo),
+    "gradient_bytes": int(sum(g.size * g.dtype.itemsize for g in stacked.values())),
+    "max_abs_diff": float(max(jnp.max(jnp.abs(out[k] - single[k])) for k in out)),
+    "max_abs_update": float(max(jnp.max(jnp.abs(single[k])) for k in single)),
+    "output_sharded_like_params": all(
+      padded(out[k].sharding.spec, len(SHAPES[k])) == tuple(largest_axis_spec(SHAPES[k]))[1:] for k in out
+    ),
+  }
+
+
 def parameter_sharded(mesh, name):
   grads = stacked_grads()
   params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), grads)
@@ -89,15 +103,7 @@ def parameter_sharded(mesh, name):
     update = jax.jit(lambda g: tx.update(g, state)[0])
     hlo = update.lower(sharded).compile().as_text()
     out = update(sharded)
-  return {
-    "collectives": collectives(hlo),
-    "gradient_bytes": int(sum(g.size * g.dtype.itemsize for g in grads.values())),
-    "max_abs_diff": float(max(jnp.max(jnp.abs(out[k] - single[k])) for k in out)),
-    "max_abs_update": float(max(jnp.max(jnp.abs(single[k])) for k in single)),
-    "output_sharded_like_params": all(
-      padded(out[k].sharding.spec, len(SHAPES[k])) == tuple(largest_axis_spec(SHAPES[k]))[1:] for k in out
-    ),
-  }
+  return sharded_report(hlo, grads, out, single)
 
 
 def data_parallel(mesh):
@@ -173,15 +179,7 @@ def gramian_engine(mesh, name):
     update = jax.jit(lambda p, c: engine(state, p, c)[1])
     hlo = update.lower(sharded_params, sharded_coefficients).compile().as_text()
     out = update(sharded_params, sharded_coefficients)
-  return {
-    "collectives": collectives(hlo),
-    "gradient_bytes": int(sum(c.size * c.dtype.itemsize for c in coefficients.values())),
-    "max_abs_diff": float(max(jnp.max(jnp.abs(out[k] - single[k])) for k in out)),
-    "max_abs_update": float(max(jnp.max(jnp.abs(single[k])) for k in single)),
-    "output_sharded_like_params": all(
-      padded(out[k].sharding.spec, len(SHAPES[k])) == tuple(largest_axis_spec(SHAPES[k]))[1:] for k in out
-    ),
-  }
+  return sharded_report(hlo, coefficients, out, single)
 
 
 def main():

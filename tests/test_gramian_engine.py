@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import gradops_jax
+from benchmarks.engines import training_steps
 from tests import cases
 from tests import jitting
 from tests.registry import SPECS
@@ -188,26 +189,14 @@ def test_aggregate_shared_and_layer_conflict_scores():
 def test_stateful_methods_over_steps_with_donated_buffers(make_aggregator):
   params, x, y = _mlp_problem()
   optimizer, tx = optax.adam(1e-2), make_aggregator()
-  engine = gradops_jax.value_and_aggregated_grad(_mlp_losses, tx)
-
-  def stacked(params, opt_state, agg_state):
-    _, task_grads = gradops_jax.value_and_task_grads(_mlp_losses)(params, x, y)
-    update, agg_state = tx.update(task_grads, agg_state, params)
-    update, opt_state = optimizer.update(update, opt_state, params)
-    return optax.apply_updates(params, update), opt_state, agg_state
-
-  def gramian(params, opt_state, agg_state):
-    _, update, agg_state = engine(agg_state, params, x, y)
-    update, opt_state = optimizer.update(update, opt_state, params)
-    return optax.apply_updates(params, update), opt_state, agg_state
-
+  steps = training_steps(_mlp_losses, tx, optimizer)
   results = {}
-  for step in (stacked, gramian):
-    compiled = jax.jit(step, donate_argnums=(0, 1, 2))
+  for name in ("stacked", "gramian"):
+    compiled = jax.jit(steps[name], donate_argnums=(0, 1, 2))
     state = (jax.tree.map(jnp.copy, params), optimizer.init(params), tx.init(params))
     for _ in range(5):
-      state = compiled(*state)
-    results[step.__name__] = state
+      state = compiled(*state, x, y)
+    results[name] = state
   chex.assert_trees_all_close(results["gramian"][0], results["stacked"][0], rtol=1e-4, atol=1e-6)
   chex.assert_trees_all_close(results["gramian"][2], results["stacked"][2], rtol=1e-4, atol=1e-6)
 
@@ -297,29 +286,13 @@ def test_temporary_memory_does_not_grow_with_the_tasks():
   x = jax.random.normal(jax.random.key(1), (batch, width))
   y = jax.random.normal(jax.random.key(2), (batch, num_tasks))
   tx, optimizer = gradops_jax.scale_by_gradops(num_tasks), optax.adam(1e-3)
-  engine = gradops_jax.value_and_aggregated_grad(_deep_losses, tx)
-
-  def summed(params, opt_state, agg_state):
-    grads = jax.grad(lambda p: jnp.sum(_deep_losses(p, x, y)))(params)
-    update, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, update), opt_state, agg_state
-
-  def stacked(params, opt_state, agg_state):
-    _, task_grads = gradops_jax.value_and_task_grads(_deep_losses)(params, x, y)
-    update, agg_state = tx.update(task_grads, agg_state, params)
-    update, opt_state = optimizer.update(update, opt_state, params)
-    return optax.apply_updates(params, update), opt_state, agg_state
-
-  def gramian(params, opt_state, agg_state):
-    _, update, agg_state = engine(agg_state, params, x, y)
-    update, opt_state = optimizer.update(update, opt_state, params)
-    return optax.apply_updates(params, update), opt_state, agg_state
 
   buffer = 4 * sum(p.size for p in params)
   temp = {}
-  for step in (summed, stacked, gramian):
-    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(params, optimizer.init(params), tx.init(params)).compile()
-    temp[step.__name__] = compiled.memory_analysis().temp_size_in_bytes / buffer
+  for name, step in training_steps(_deep_losses, tx, optimizer).items():
+    args = (params, optimizer.init(params), tx.init(params), x, y)
+    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*args).compile()
+    temp[name] = compiled.memory_analysis().temp_size_in_bytes / buffer
   assert temp["gramian"] <= 2.0, temp
   assert temp["gramian"] <= temp["summed"] + 1.0, temp
   assert temp["stacked"] >= num_tasks - 1, temp  # what the engine saves

@@ -62,7 +62,7 @@ def _weighted_vjp(vjp_fn: Callable[..., Any], weights: jax.Array, cotangent_dtyp
 def _resolve(pending_tree: Any, vjp_fn: Callable[..., Any], cotangent_dtype: Any, single: bool) -> Any:
   """The update: one weighted VJP per distinct weight vector the aggregator combined with."""
   pending, treedef = jax.tree.flatten(pending_tree)
-  groups: dict = {}
+  grads_by_weights: dict = {}
   for leaf in pending:
     if not isinstance(leaf, passes.PendingCombination):
       raise TypeError(
@@ -72,13 +72,9 @@ def _resolve(pending_tree: Any, vjp_fn: Callable[..., Any], cotangent_dtype: Any
         "that reduce the task gradients to their Gram matrix and combine them once; chain "
         "the optimiser after the engine, not inside the aggregator."
       )
-    groups.setdefault(id(leaf.weights), (leaf.weights, []))[1].append(leaf)
-  resolved = {}
-  for weights, leaves in groups.values():
-    grads = _weighted_vjp(vjp_fn, weights, cotangent_dtype, single)
-    for leaf in leaves:
-      resolved[id(leaf)] = grads[leaf.index]
-  return jax.tree.unflatten(treedef, [resolved[id(leaf)] for leaf in pending])
+    if id(leaf.weights) not in grads_by_weights:
+      grads_by_weights[id(leaf.weights)] = _weighted_vjp(vjp_fn, leaf.weights, cotangent_dtype, single)
+  return jax.tree.unflatten(treedef, [grads_by_weights[id(leaf.weights)][leaf.index] for leaf in pending])
 
 
 def value_and_aggregated_grad(
