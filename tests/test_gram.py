@@ -46,14 +46,14 @@ def test_float64_gram_is_accurate_where_float32_gram_and_qr_are_not():
   "shape",
   [
     (),  # scalar parameter
-    (7, 5301),  # blocks of whole rows
-    (2, 3, 50, 70),  # blocks of several trailing axes
-    (40000,),  # last axis split into blocks that divide it
-    (30011,),  # prime length: whole blocks and a remainder
+    (7, 5301),  # a matrix: several scanned blocks
+    (2, 3, 50, 70),  # four axes contracted at once
+    (40000,),  # one long axis
+    (30011,),  # prime length: whole scanned blocks and a remainder
     (2, 30011),
   ],
 )
-def test_blocked_gram_and_combine_on_every_block_layout(shape):
+def test_every_gram_form_and_combine_are_exact(shape):
   """Every form of the Gram pass (CPU kernel, scanned, partitionable) and the combine are exact."""
   rng = np.random.default_rng(5)
   size = int(np.prod(shape))
@@ -69,7 +69,7 @@ def test_blocked_gram_and_combine_on_every_block_layout(shape):
       for form in (
         gradops_jax.leaf_gram,
         lambda leaf: gradops_jax.leaf_gram(leaf, implementation="scan"),
-        lambda leaf: gradops_jax.leaf_gram(leaf, implementation="blocked"),
+        lambda leaf: gradops_jax.leaf_gram(leaf, implementation="partitionable"),
       )
     ]
   expected_gram = exact @ exact.T + exact[:, :1] @ exact[:, :1].T

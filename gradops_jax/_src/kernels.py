@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import jaxlib
 from jax._src import config as jax_config  # bool_state: a flag that JAX keys its caches on
 
+from gradops_jax._src import manual_axes
+
 _SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name for name in ("gram.cc", "combine.cc"))
 _HEADERS = tuple(pathlib.Path(__file__).parent / "csrc" / name for name in ("chunk_runner.h",))
 # (pass, dtype of the (T, D) input) -> (FFI target name, handler symbol in the library).
@@ -293,7 +295,7 @@ def _kernel_gram(rows: jax.Array) -> jax.Array:
   num_tasks = rows.shape[0]
   target, _ = _HANDLERS["gram", rows.dtype]
   result = jax.ShapeDtypeStruct((num_tasks, num_tasks), jnp.float64)
-  return jax.ffi.ffi_call(target, result, vmap_method="sequential")(rows)
+  return manual_axes.varying_like(jax.ffi.ffi_call(target, result, vmap_method="sequential")(rows), rows)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -342,7 +344,8 @@ def gram(rows: jax.Array, fallback: Callable[[jax.Array], jax.Array]) -> jax.Arr
 def _kernel_combine(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array) -> jax.Array:
   target, _ = _HANDLERS["combine", rows.dtype]
   result = jax.ShapeDtypeStruct(rows.shape[1:], rows.dtype)
-  return jax.ffi.ffi_call(target, result, vmap_method="sequential")(rows, scale_a, scale_b)
+  combined = jax.ffi.ffi_call(target, result, vmap_method="sequential")(rows, scale_a, scale_b)
+  return manual_axes.varying_like(combined, rows, scale_a, scale_b)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))

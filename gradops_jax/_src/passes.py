@@ -12,15 +12,16 @@ numerics and their sharding are described in ``docs/design.md``.
 """
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from gradops_jax._src import kernels
+from gradops_jax._src import manual_axes
 from gradops_jax._src.tolerances import GRAM_DTYPE
 
-GRAM_IMPLEMENTATIONS = ("auto", "kernel", "scan", "blocked")
+GRAM_IMPLEMENTATIONS = ("auto", "kernel", "scan", "partitionable")
 COMBINE_IMPLEMENTATIONS = ("auto", "kernel", "xla")
 
 
@@ -95,53 +96,44 @@ def _block_size(num_tasks: int) -> int:
   return max(1024, 1 << (32768 // num_tasks).bit_length() - 1)
 
 
-def _dot_gram(rows: jax.Array) -> jax.Array:
-  """Gram matrix of a ``(T, b)`` block as one float64 matrix product (exact products)."""
-  rows = rows.astype(GRAM_DTYPE)
-  return jnp.dot(rows, rows.T, precision=jax.lax.Precision.HIGHEST)
+def _possible_shards() -> int:
+  """How many devices the arrays being traced may be split across, by the context alone.
 
-
-def _divisor_near(size: int, target: int, num_shards: int) -> Optional[int]:
-  """The largest divisor of ``size`` in ``[target // 8, target]`` with a multiple
-  of ``num_shards`` blocks, if any."""
-  for divisor in range(target, max(target // 8, 1) - 1, -1):
-    if size % divisor == 0 and (size // divisor) % num_shards == 0:
-      return divisor
-  return None
-
-
-def _last_axis_shards(leaf: jax.Array) -> tuple[Any, int]:
-  """How many ways the leaf's last axis may be split across devices.
-
-  Returns ``(spec, n)``: under an Explicit sharding of the last axis, the
-  leaf's PartitionSpec and that axis's shard count; otherwise ``None`` and the
-  size of the mesh in context (a multiple of any axis's shard count under
-  Auto mode, where the sharding is not part of the type), or 1.
+  The non-manual axes of the mesh in context (``jax.set_mesh``, or the rest of
+  a partly manual ``shard_map``); with no mesh in context, every device of the
+  job: under Auto axes the sharding of a jitted function's inputs is not part
+  of their type, so any of them may be sharded over all devices. Inside a
+  ``shard_map`` over every axis the arrays are local: 1.
   """
-  sharding = jax.typeof(leaf).sharding
-  spec = tuple(getattr(sharding, "spec", ()) or ())
-  if len(spec) == leaf.ndim and spec[-1] is not None:
-    names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
-    return spec, math.prod(sharding.mesh.shape[name] for name in names)
-  return None, max(jax.sharding.get_abstract_mesh().size, 1)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return jax.device_count()
+  return math.prod(size for name, size in mesh.shape.items() if name not in mesh.manual_axes)
 
 
-def _blocked_gram(leaf: jax.Array, num_inner: int) -> jax.Array:
-  """Gram matrix of ``(T, *outer, *inner)`` with ``num_inner`` trailing block axes.
+def _has_explicit_sharding(leaf: jax.Array) -> bool:
+  """Whether the leaf's type says it is sharded (Explicit mesh axes)."""
+  spec = getattr(jax.typeof(leaf).sharding, "spec", None) or ()
+  return any(axis is not None for axis in spec)
 
-  The task axis is moved between the outer and the inner axes, so that the
-  fused reduction over the inner axes forms all :math:`T^2` products of one
-  block at a time; the outer partial sums (float64) are then added up. No
-  axis is merged with another, so a leaf sharded on any axis is reduced where
-  it lies: only partial Gram sums cross devices. (On CPU, XLA writes the
-  transposed float64 copy out first; see the module docstring.)
+
+def _contracted_gram(leaf: jax.Array) -> jax.Array:
+  r"""Gram matrix of a ``(T, ...)`` leaf: one float64 contraction over every parameter axis.
+
+  The form for a leaf that may be sharded: no axis is merged with another,
+  so XLA's partitioner contracts each shard where it lies and adds the
+  :math:`T \times T` partial sums across devices, whichever axes the leaf is
+  sharded on. (A reduction in two stages, over some axes and then over the
+  rest, would send one partial Gram matrix per entry of the axes left after
+  the first stage when the sharded axis is among the first.)
   """
-  num_outer = leaf.ndim - 1 - num_inner
-  order = tuple(range(1, num_outer + 1)) + (0,) + tuple(range(num_outer + 1, leaf.ndim))
-  rows = jnp.transpose(leaf.astype(GRAM_DTYPE), order)  # (*outer, T, *inner)
-  products = jnp.expand_dims(rows, num_outer + 1) * jnp.expand_dims(rows, num_outer)
-  partial = jnp.sum(products, axis=tuple(range(num_outer + 2, products.ndim)))
-  return jnp.sum(partial, axis=tuple(range(num_outer)))
+  rows = leaf.astype(GRAM_DTYPE)
+  axes = tuple(range(1, leaf.ndim))
+  # Explicit axes make the result's sharding part of its type: the T x T sum lies on every device.
+  replicated = jax.sharding.PartitionSpec() if _has_explicit_sharding(leaf) else None
+  return jax.lax.dot_general(
+    rows, rows, ((axes, axes), ((), ())), precision=jax.lax.Precision.HIGHEST, out_sharding=replicated
+  )
 
 
 def _scanned_gram(rows: jax.Array) -> jax.Array:
@@ -153,64 +145,34 @@ def _scanned_gram(rows: jax.Array) -> jax.Array:
   product forms its :math:`T^2` inner products (faster on CPU than a fused
   multiply-and-reduce, which XLA vectorises less well), with no
   temporary buffer beyond the block. A dynamic slice of a sharded axis would
-  make XLA gather the leaf, hence :func:`_partitionable_leaf_gram` for
+  make XLA gather the leaf, hence :func:`_contracted_gram` for
   sharded leaves.
   """
   num_tasks, size = rows.shape
   block = _block_size(num_tasks)
   num_blocks = size // block
   if num_blocks < 2:
-    return _dot_gram(rows)
+    return _contracted_gram(rows)
 
   def accumulate(gram, index):
     chunk = jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1)
-    return gram + _dot_gram(chunk), None
+    return gram + _contracted_gram(chunk), None
 
-  gram, _ = jax.lax.scan(accumulate, jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE), jnp.arange(num_blocks))
+  zeros = manual_axes.varying_like(jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE), rows)
+  gram, _ = jax.lax.scan(accumulate, zeros, jnp.arange(num_blocks))
   if size > num_blocks * block:
-    gram = gram + _dot_gram(rows[:, num_blocks * block :])
+    gram = gram + _contracted_gram(rows[:, num_blocks * block :])
   return gram
 
 
-def _partitionable_leaf_gram(leaf: jax.Array) -> jax.Array:
-  """Gram matrix of one leaf that XLA may shard: blocks of its own trailing axes.
-
-  Blocks are the longest run of trailing parameter axes that fits in
-  :func:`_block_size` elements. A last axis longer than that is split into
-  blocks of a size that divides it, into a multiple of its possible shard
-  count (:func:`_last_axis_shards`), or, if it has no such divisor near the
-  block size, into whole blocks and a remainder (whose slice may move data
-  between devices). One fused reduction over a whole large leaf would re-read
-  it from memory :math:`T^2` times.
-  """
-  shape = leaf.shape[1:]
-  block = _block_size(leaf.shape[0])
-  num_inner = 0
-  while num_inner < len(shape) and math.prod(shape[len(shape) - num_inner - 1 :]) <= block:
-    num_inner += 1
-  if num_inner or not shape:
-    return _blocked_gram(leaf, num_inner)
-  last = shape[-1]
-  spec, num_shards = _last_axis_shards(leaf)
-  divisor = _divisor_near(last, block, num_shards)
-  if divisor is not None:
-    out_sharding = None if spec is None else jax.sharding.PartitionSpec(*spec, None)
-    split = jax.lax.reshape(leaf, (*leaf.shape[:-1], last // divisor, divisor), out_sharding=out_sharding)
-    return _blocked_gram(split, 1)
-  if spec is not None:
-    # No block size splits the shards evenly: one block (correct, slower).
-    return _blocked_gram(leaf, 1)
-  whole = (last // block) * block
-  head = jnp.reshape(leaf[..., :whole], (*leaf.shape[:-1], last // block, block))
-  return _blocked_gram(head, 1) + _partitionable_leaf_gram(leaf[..., whole:])
-
-
 def _may_be_sharded(leaf: jax.Array) -> bool:
-  """Whether the leaf has an Explicit sharding or a multi-device mesh is in context."""
-  spec = getattr(jax.typeof(leaf).sharding, "spec", None) or ()
-  if any(axis is not None for axis in spec):
-    return True
-  return jax.sharding.get_abstract_mesh().size > 1
+  """Whether the leaf has an Explicit sharding or may be split by the context (:func:`_possible_shards`).
+
+  A leaf that may be sharded takes the XLA forms, which XLA's partitioner
+  splits where the leaf lies; the C++ kernel is a custom call, whose operands
+  the partitioner would gather onto every device.
+  """
+  return _has_explicit_sharding(leaf) or _possible_shards() > 1
 
 
 def leaf_gram(leaf: jax.Array, implementation: str = "auto") -> jax.Array:
@@ -231,8 +193,9 @@ def leaf_gram(leaf: jax.Array, implementation: str = "auto") -> jax.Array:
     leaf: a ``(T, ...)`` array.
     implementation: ``"auto"`` (the choice below), ``"kernel"`` (the C++
       kernel on CPU where it is available, else the scan), ``"scan"`` (XLA,
-      one device) or ``"blocked"`` (XLA, partitionable). ``"auto"`` takes
-      ``"blocked"`` when the leaf may be sharded, else ``"kernel"``.
+      one device) or ``"partitionable"`` (XLA, one contraction that XLA's
+      partitioner splits where the leaf lies). ``"auto"`` takes
+      ``"partitionable"`` when the leaf may be sharded, else ``"kernel"``.
 
   Returns:
     The ``(T, T)`` float64 Gram matrix of the leaf.
@@ -249,9 +212,9 @@ def leaf_gram(leaf: jax.Array, implementation: str = "auto") -> jax.Array:
   if isinstance(leaf, JacobianRows):
     leaf = leaf.rows
   if implementation == "auto":
-    implementation = "blocked" if _may_be_sharded(leaf) else "kernel"
-  if implementation == "blocked":
-    return _partitionable_leaf_gram(leaf)
+    implementation = "partitionable" if _may_be_sharded(leaf) else "kernel"
+  if implementation == "partitionable":
+    return _contracted_gram(leaf)
   rows = jnp.reshape(leaf, (leaf.shape[0], -1))
   if implementation == "scan":
     return _scanned_gram(rows)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from gradops_jax._src import manual_axes
+
 # step(carry, task, other) -> carry, where carry[0] holds the coefficients.
 StepFn = Callable[[Any, jax.Array, jax.Array], Any]
 
@@ -39,7 +41,7 @@ def sequential_surgery(
       updated = step(carry, task, other)
       return jax.tree.map(lambda new, old: jnp.where(other == task, old, new), updated, carry)
 
-    return jax.lax.fori_loop(0, num_tasks, body, init_carry(task))
+    return jax.lax.fori_loop(0, num_tasks, body, manual_axes.varying_like(init_carry(task), gram, order))
 
   return jax.vmap(one_task)(jnp.arange(num_tasks))
 

@@ -25,6 +25,7 @@ import optax
 
 from gradops_jax._src import base
 from gradops_jax._src import linalg
+from gradops_jax._src import manual_axes
 from gradops_jax._src import tolerances
 from gradops_jax._src import validation
 from gradops_jax._src.solvers import min_norm
@@ -234,7 +235,7 @@ def gradops_solve(
   mgda_weights, fallback_info = jax.lax.cond(
     used_fallback,
     lambda: min_norm.min_norm_simplex_weights(gram, mgda_tol, mgda_max_iters),
-    lambda: (jnp.zeros((num_tasks,), gram.dtype), accelerated.no_iterations()),
+    lambda: manual_axes.varying_like((jnp.zeros((num_tasks,), gram.dtype), accelerated.no_iterations()), gram),
   )
   return GradOPSSolution(
     weights=jnp.where(used_fallback, mgda_weights, weights),

@@ -6,6 +6,7 @@ from jaxtyping import Array, Float
 import optax
 
 from gradops_jax._src import base
+from gradops_jax._src import manual_axes
 from gradops_jax._src import validation
 from gradops_jax._src.solvers import accelerated
 
@@ -84,7 +85,7 @@ def nash_mtl_weights(
     return step + 1, new_alpha
 
   init = (jnp.array(0, jnp.int32), jnp.ones((num_tasks,), gram.dtype))
-  num_steps, alpha = jax.lax.while_loop(cond_fn, body_fn, init)
+  num_steps, alpha = jax.lax.while_loop(cond_fn, body_fn, manual_axes.varying_like(init, quadratic))
   info = accelerated.SolverInfo((residual(alpha) <= tol) | (frobenius == 0), num_steps)
   return jnp.where(frobenius > 0, alpha, 0.0), info
 

@@ -10,6 +10,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gradops_jax._src import manual_axes
+
 
 class SolverInfo(NamedTuple):
   """How an iterative solve ended.
@@ -117,7 +119,7 @@ def accelerated_descent(
     momentum=jnp.array(1.0, dtype),
     step_size=jnp.array(step_size, dtype),
   )
-  final = jax.lax.while_loop(cond_fn, body_fn, init)
+  final = jax.lax.while_loop(cond_fn, body_fn, manual_axes.varying_like(init))
   converged = gap(final.iterate, final.evaluation) <= tol
   return final.iterate, SolverInfo(converged, final.num_steps)
 

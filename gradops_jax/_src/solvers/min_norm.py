@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from gradops_jax._src import linalg
+from gradops_jax._src import manual_axes
 from gradops_jax._src import tolerances
 from gradops_jax._src.solvers import accelerated
 from gradops_jax._src.solvers import active_set
@@ -143,7 +144,7 @@ def _polish(cosine, scales, a, tol):
     )
 
   init = _PolishState(jnp.array(0, jnp.int32), a, a > 0, jnp.array(False), a, jnp.array(False))
-  final = jax.lax.while_loop(cond_fn, body_fn, init)
+  final = jax.lax.while_loop(cond_fn, body_fn, manual_axes.varying_like(init, cosine, scales))
   return final.best, final.found
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from gradops_jax._src import linalg
+from gradops_jax._src import manual_axes
 from gradops_jax._src import tolerances
 from gradops_jax._src.solvers import accelerated
 from gradops_jax._src.solvers import active_set
@@ -103,7 +104,7 @@ def _polish(quadratic, linear, v, tol):
     v,
     _kkt_residual(quadratic, linear, v),
   )
-  final = jax.lax.while_loop(cond_fn, body_fn, init)
+  final = jax.lax.while_loop(cond_fn, body_fn, manual_axes.varying_like(init, quadratic, linear))
   return final.best, final.done
 
 
