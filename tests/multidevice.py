@@ -154,6 +154,7 @@ def every_method_in_style(style, chosen, singles):
   return {
     "collectives": collectives(hlo),
     "gradient_bytes": int(sum(g.size * g.dtype.itemsize for g in grads.values())),
+    "gram_bytes": len(grads) * NUM_TASKS**2 * 8,  # one float64 T x T partial sum per leaf
     "methods": {name: leaf_report(out[name], singles[name]) for name in chosen},
   }
 
@@ -186,9 +187,7 @@ def shard_map_per_device(chosen):
     hlo = mapped.lower(sharded).compile().as_text()
     out = mapped(sharded)
   # One program for the references: each device's problem on one device, every method.
-  expected = jax.jit(
-    jax.vmap(lambda g: {name: tx.update(g, states[name])[0] for name, tx in chosen.items()})
-  )(grads)
+  expected = jax.jit(jax.vmap(lambda g: {name: tx.update(g, states[name])[0] for name, tx in chosen.items()}))(grads)
   return {
     "collectives": collectives(hlo),
     "methods": {
@@ -293,6 +292,7 @@ def two_d_mesh(shape):
   return {
     "aggregator_collectives": collectives(aggregator_hlo),
     "task_gradient_bytes": int(sum(g.size * g.dtype.itemsize for g in jax.tree.leaves(task_grads))),
+    "gram_bytes": len(params) * NUM_TASKS**2 * 8,
     "update_sharded_like_params": all(
       padded(out_update[k].sharding.spec, 2) == padded(s, 2) for k, s in TWO_D_SPECS.items()
     ),
@@ -334,7 +334,7 @@ def gramian_engine(style, name):
   hlo, out = compiled_in_style(style, update, (params, coefficients), arg_specs, out_specs)
   return {
     "collectives": collectives(hlo),
-    "gradient_bytes": int(sum(g.size * g.dtype.itemsize for g in coefficients.values())),
+    "gram_bytes": len(params) * NUM_TASKS**2 * 8,
     **leaf_report(out, single),
   }
 
@@ -342,18 +342,30 @@ def gramian_engine(style, name):
 def table():
   """Markdown: GradOPS's collectives per sharding style, against the gradients' size."""
   gradient_bytes = sum(g.size * g.dtype.itemsize for g in stacked_grads().values())
+  rows = {description: gradops_alone_in_style(style) for style, description in STYLES.items()}
+  gradops = {"gradops": gradops_jax.scale_by_gradops(NUM_TASKS)}
+  rows["jax.shard_map, one problem per device (default check_vma)"] = shard_map_per_device(gradops)["collectives"]
+  two_d = two_d_mesh((2, 4))
+  rows["2-D mesh 2 x 4 (data x model), Auto axes, no mesh in context; aggregator only"] = two_d[
+    "aggregator_collectives"
+  ]
   lines = [
     f"| style | all-reduce | gathers, all-to-all, permutes | bytes moved / gradient bytes ({gradient_bytes:,}) |",
     "|---|---|---|---|",
   ]
-  for style, description in STYLES.items():
-    found = gradops_alone_in_style(style)
+  for description, found in rows.items():
     moved = sum(found[op]["count"] for op in COLLECTIVES if op != "all-reduce")
     total = sum(found[op]["bytes"] for op in COLLECTIVES)
+    size = two_d["task_gradient_bytes"] if description.startswith("2-D") else gradient_bytes
     lines.append(
       f"| {description} | {found['all-reduce']['count']} x, {found['all-reduce']['bytes']:,} B "
-      f"| {moved} | {total / gradient_bytes:.4f} |"
+      f"| {moved} | {total / size:.5f} |"
     )
+  lines.append(
+    f"\nT = {NUM_TASKS}; leaves {', '.join(f'{k} {v}' for k, v in SHAPES.items())}, each sharded along its"
+    " largest axis over 8 devices; the 2-D row's gradient bytes are its own model's"
+    f" ({two_d['task_gradient_bytes']:,})."
+  )
   return "\n".join(lines)
 
 
@@ -374,7 +386,9 @@ def main():
     "shard_map": shard_map_per_device(chosen),
     "two_d": {f"{rows}x{columns}": two_d_mesh((rows, columns)) for rows, columns in ((2, 4), (4, 2))},
     "data_parallel": {},
-    "gramian_engine": {style: {name: gramian_engine(style, name) for name in ("gradops", "upgrad")} for style in STYLES},
+    "gramian_engine": {
+      style: {name: gramian_engine(style, name) for name in ("gradops", "upgrad")} for style in STYLES
+    },
   }
   for axis_type in ("Auto", "Explicit"):
     mesh = jax.make_mesh((8,), ("x",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
