@@ -11,6 +11,8 @@ from flax import nnx
 from flax.training import train_state
 
 import gradops_jax
+from tests.registry import BY_NAME
+from tests.registry import SPECS
 
 NUM_TASKS = 3
 
@@ -362,6 +364,54 @@ def test_aggregator_vmapped_inside_a_scan():
       chex.assert_trees_all_close(
         jax.tree.map(lambda u, step=step, index=index: u[step, index], updates), expected, rtol=1e-5, atol=1e-7
       )
+
+
+def _loop(form, update, state, batch, steps):
+  """``steps`` updates over the leading axis of ``batch`` in a loop of ``form``; returns the last update."""
+  take = lambda index: jax.tree.map(lambda g: g[index], batch)  # noqa: E731
+  if form == "map":
+    return jax.tree.map(lambda u: u[-1], jax.lax.map(lambda g: update(g, state)[0], batch))
+  if form == "scan":
+    return jax.tree.map(lambda u: u[-1], jax.lax.scan(lambda s, g: update(g, s)[::-1], state, batch)[1])
+
+  def body(index, carry):
+    updates, state = update(take(index), carry[1])
+    return updates, state
+
+  first = jax.tree.map(lambda g: jnp.zeros_like(g[0]), take(0)), state
+  if form == "fori_loop":
+    return jax.lax.fori_loop(0, steps, body, first)[0]
+  return jax.lax.while_loop(lambda c: c[0] < steps, lambda c: (c[0] + 1, *body(c[0], c[1:])), (0, *first))[1]
+
+
+VMAPPED_LOOPS = [(spec.name, "scan") for spec in SPECS] + [
+  ("gradops", form) for form in ("while_loop", "fori_loop", "map")
+]
+VMAPPED_LOOPS += [("recon_scores+gradops", "scan"), ("aggregate_shared", "scan")]
+
+
+@pytest.mark.parametrize("method, form", VMAPPED_LOOPS)
+def test_vmap_around_a_loop_that_calls_an_aggregator(method, form):
+  """vmap(scan(step)) and the other loops: each batched run equals the run alone."""
+  steps, runs = 2, 3
+  if method == "recon_scores+gradops":
+    tx = optax.chain(gradops_jax.recon.layer_conflict_scores(NUM_TASKS), gradops_jax.scale_by_gradops(NUM_TASKS))
+  elif method == "aggregate_shared":
+    tx = gradops_jax.aggregate_shared(gradops_jax.scale_by_upgrad(NUM_TASKS), NUM_TASKS, {"w": True, "b": False})
+  else:
+    tx = BY_NAME[method].factory(NUM_TASKS)
+  rng = np.random.default_rng(0)
+  batch = {
+    "w": jnp.asarray(rng.standard_normal((runs, steps, NUM_TASKS, 6, 4)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal((runs, steps, NUM_TASKS, 4)), jnp.float32),
+  }
+  batch["w"] = batch["w"].at[:, :, 1].multiply(-0.5)  # conflicts
+  state = tx.init({"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)})
+  batched = jax.jit(jax.vmap(lambda run: _loop(form, tx.update, state, run, steps)))(batch)
+  alone = jax.jit(lambda run: _loop(form, tx.update, state, run, steps))
+  for index in range(runs):
+    expected = alone(jax.tree.map(lambda g, index=index: g[index], batch))
+    chex.assert_trees_all_close(jax.tree.map(lambda u, index=index: u[index], batched), expected, rtol=1e-5, atol=1e-6)
 
 
 # -- Linen and TrainState -------------------------------------------------------------

@@ -66,6 +66,44 @@ def compiled_when_eager(update: Callable[..., Any]) -> Callable[..., Any]:
   return update_fn
 
 
+def in_float64(fn: Callable[..., Any], closes_over: Any = ()) -> Callable[..., Any]:
+  """``fn`` run inside ``jax.enable_x64(True)``, also when a ``vmap`` batches it later.
+
+  ``jax.vmap`` around a ``lax.scan`` (or ``while_loop``, ``fori_loop``,
+  ``lax.map``) does not call the loop body again: it batches the body's
+  already traced program, outside the local x64 scope, where the float64
+  constants of the solvers no longer type-check. As a
+  :func:`jax.custom_batching.custom_vmap`, ``fn`` is traced afresh by its own
+  batching rule, inside the scope, whenever a ``vmap`` reaches it.
+
+  A ``custom_vmap`` function may not close over traced values, so ``fn`` runs
+  as it is (inside the scope, but re-batched like any traced program) when
+  ``closes_over`` (the values ``fn`` reads besides its arguments, such as
+  hyperparameters) holds a tracer, or when the arguments are not all arrays
+  (the Gramian engine's leaves).
+  """
+
+  def scoped(*args):
+    with jax.enable_x64(True):
+      return fn(*args)
+
+  batchable = jax.custom_batching.custom_vmap(scoped)
+
+  @batchable.def_vmap
+  def batched(axis_size, in_batched, *args):
+    del axis_size
+    in_axes = jax.tree.map(lambda is_batched: 0 if is_batched else None, tuple(in_batched))
+    out = jax.vmap(scoped, in_axes=in_axes)(*args)
+    return out, jax.tree.map(lambda _: True, out)
+
+  def run(*args):
+    arrays = all(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in jax.tree.leaves(args))
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(closes_over))
+    return batchable(*args) if arrays and not traced else scoped(*args)
+
+  return run
+
+
 def gram_aggregator(
   num_tasks: int,
   init_state: Callable[[], NamedTuple],
@@ -100,12 +138,14 @@ def gram_aggregator(
       # solved, so the state, fallback counts included, stays as it was.
       return task_grads, state
     input_dtype = tolerances.least_precise_dtype(task_grads)
-    with jax.enable_x64(True):
+
+    def reduce_solve_combine(task_grads, state):
       gram = passes.task_gram(task_grads, num_tasks)
       weights, new_state = solve(gram, state, input_dtype)
       updates = passes.combine(task_grads, tolerances.without_rounding_noise(gram, weights, input_dtype))
-      new_state = jax.tree.map(_cast_like, new_state, state)
-    return updates, new_state
+      return updates, jax.tree.map(_cast_like, new_state, state)
+
+    return in_float64(reduce_solve_combine, hyperparameters)(task_grads, state)
 
   return optax.GradientTransformation(init_fn, compiled_when_eager(update_fn))
 

@@ -100,8 +100,8 @@ def _sum_over_tasks(num_tasks: int) -> optax.GradientTransformation:
 
   def update_fn(task_grads, state, params=None):
     validation.check_task_grads(task_grads, num_tasks, params)
-    with jax.enable_x64(True):
-      return passes.combine(task_grads, jnp.ones((num_tasks,), jnp.float64)), state
+    combined = base.in_float64(lambda grads: passes.combine(grads, jnp.ones((num_tasks,), jnp.float64)))
+    return combined(task_grads), state
 
   def init_fn(params):
     validation.check_params(params)

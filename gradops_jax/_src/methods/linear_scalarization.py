@@ -58,7 +58,7 @@ def scale_by_linear_scalarization(
 
   def update_fn(task_grads, state, params=None):
     validation.check_task_grads(task_grads, num_tasks, params)
-    with jax.enable_x64(True):
-      return passes.combine(task_grads, jnp.asarray(fixed, jnp.float64)), state
+    combined = base.in_float64(lambda grads: passes.combine(grads, jnp.asarray(fixed, jnp.float64)), fixed)
+    return combined(task_grads), state
 
   return optax.GradientTransformation(init_fn, base.compiled_when_eager(update_fn))

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradops_jax._src import base
 from gradops_jax._src import linalg
 from gradops_jax._src import passes
 from gradops_jax._src import validation
@@ -151,15 +152,17 @@ def layer_conflict_scores(
         "The layers of the task gradients differ from those of the state: "
         f"gradients have {sorted(layers)}, the state has {sorted(state.counts)}."
       )
-    leaves = jax.tree.leaves(task_grads)
-    pairs = jnp.triu(jnp.ones((num_tasks, num_tasks), bool), k=1)
-    counts = {}
-    with jax.enable_x64(True):
-      grams = [passes.leaf_gram(leaf) for leaf in leaves]
+
+    def count_conflicts(task_grads, counts):
+      pairs = jnp.triu(jnp.ones((num_tasks, num_tasks), bool), k=1)
+      grams = [passes.leaf_gram(leaf) for leaf in jax.tree.leaves(task_grads)]
+      new_counts = {}
       for name, indices in layers.items():
         _, _, cosine = linalg.cosine_from_gram(sum(grams[index] for index in indices))
-        conflicts = jnp.sum(pairs & (cosine < threshold)).astype(jnp.int32)
-        counts[name] = state.counts[name] + conflicts
+        new_counts[name] = counts[name] + jnp.sum(pairs & (cosine < threshold)).astype(jnp.int32)
+      return new_counts
+
+    counts = base.in_float64(count_conflicts)(task_grads, state.counts)
     return task_grads, LayerConflictState(counts=counts, num_steps=state.num_steps + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
