@@ -174,3 +174,25 @@ def test_pareto_stationary_tasks_give_an_exactly_zero_update(method):
     tilted[1, :10] += 1e-3
     updates, _ = step({"w": jnp.asarray(tilted), "b": grads["b"]}, tx.init(params), params)
     assert np.linalg.norm(np.asarray(updates["w"])) > 1e-6 * np.linalg.norm(g1)
+
+
+def _valid_but_degenerate(kind):
+  rng = np.random.default_rng(4)
+  g = rng.standard_normal((2, 40)).astype(np.float32)
+  partner = {"duplicate": g[0], "opposite": -g[0], "zero": 0 * g[0]}[kind]
+  return jnp.asarray(np.stack([g[0], partner, g[1]]))
+
+
+@pytest.mark.parametrize("kind", ["duplicate", "opposite", "zero"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_jax_debug_nans_stays_silent_on_valid_input(method, kind):
+  """jax_debug_nans, with and without jit: no NaN is made by design (item 10 of issue 25)."""
+  factory, _ = METHODS[method]
+  tx = factory(3)
+  grads = _valid_but_degenerate(kind)
+  state = tx.init(jnp.zeros(40))
+  with jax.debug_nans(True):
+    jitted, _ = jax.jit(tx.update)(grads, state)
+    with jax.disable_jit():
+      eager, _ = tx.update(grads, state)
+  assert bool(jnp.all(jnp.isfinite(jitted))) and bool(jnp.all(jnp.isfinite(eager)))

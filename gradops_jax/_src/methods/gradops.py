@@ -215,7 +215,8 @@ def gradops_solve(
   # (M - threshold I is positive definite), else one eigendecomposition per task.
   threshold = max(_WELL_CONDITIONED, rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
   shifted = linalg.masked_block(cosine, active) - threshold * jnp.eye(num_tasks, dtype=cosine.dtype)
-  well_conditioned = jnp.all(jnp.isfinite(jnp.linalg.cholesky(shifted)))
+  # Positive definite: the smallest eigenvalue, not a Cholesky factor that is NaN by design otherwise.
+  well_conditioned = jnp.linalg.eigvalsh(shifted)[0] > 0
   residuals = jax.lax.cond(
     well_conditioned,
     lambda: _project_all_tasks(cosine, active),
