@@ -235,3 +235,60 @@ def test_finite_update_wherever_the_combination_stays_in_range(method):
         inside += 1
         assert bool(jnp.all(jnp.isfinite(out))), (scale, bound, out)
   assert inside >= 12
+
+
+def _smooth_problem():
+  rng = np.random.default_rng(12)
+  grads = rng.standard_normal((3, 20))
+  grads[1] = -0.4 * grads[0] + 0.5 * grads[1]  # a conflict, away from any switching point
+  return grads, rng.standard_normal((3, 20))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_forward_mode_matches_finite_differences(method):
+  """jax.jvp through update (float64 gradients), against a central difference (item 12 of issue 25)."""
+  grads, direction = _smooth_problem()
+  with jax.enable_x64(True):
+    tx = METHODS[method][0](3)
+    state = tx.init(jnp.zeros(20))
+    update = jax.jit(lambda g: tx.update(g, state)[0])
+    _, tangent = jax.jit(lambda g, t: jax.jvp(update, (g,), (t,)))(jnp.asarray(grads), jnp.asarray(direction))
+    step = 1e-6
+    difference = (update(jnp.asarray(grads + step * direction)) - update(jnp.asarray(grads - step * direction))) / (
+      2 * step
+    )
+    np.testing.assert_allclose(tangent, difference, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(difference))))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_reverse_mode_names_forward_mode_or_works(method):
+  """Reverse mode: a TypeError naming forward mode, except for linear scalarisation (item 12)."""
+  grads, _ = _smooth_problem()
+  tx = METHODS[method][0](3)
+  state = tx.init(jnp.zeros(20))
+
+  def loss(g):
+    return jnp.sum(tx.update(g, state)[0] ** 2)
+
+  if method == "linear_scalarization":
+    chex.assert_tree_all_finite(jax.grad(loss)(jnp.asarray(grads, jnp.float32)))
+    return
+  for differentiate in (jax.grad(loss), jax.jit(jax.grad(loss))):
+    with pytest.raises(TypeError, match="reverse-mode.*jax.jvp or jax.jacfwd"):
+      differentiate(jnp.asarray(grads, jnp.float32))
+
+
+def test_forward_mode_with_respect_to_alpha():
+  """Meta-learning GradOPS's alpha: jax.jvp through a transform built from a traced alpha."""
+  grads, _ = _smooth_problem()
+  with jax.enable_x64(True):
+    grads = jnp.asarray(grads)
+    state = gradops_jax.scale_by_gradops(3).init(jnp.zeros(20))
+
+    def update(alpha):
+      return gradops_jax.scale_by_gradops(3, alpha=alpha).update(grads, state)[0]
+
+    for differentiate in (jax.jvp, jax.jit(jax.jvp, static_argnums=0)):
+      _, tangent = differentiate(update, (jnp.asarray(-1.0),), (jnp.asarray(1.0),))
+      difference = (update(jnp.asarray(-1.0 + 1e-6)) - update(jnp.asarray(-1.0 - 1e-6))) / 2e-6
+      np.testing.assert_allclose(tangent, difference, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(difference))))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradops_jax._src import forward_only
 from gradops_jax._src import passes
 from gradops_jax._src import tolerances
 from gradops_jax._src import validation
@@ -47,40 +48,50 @@ def _is_concrete_array(leaf: Any) -> bool:
   return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) and not isinstance(leaf, jax.core.Tracer)
 
 
-def compiled_when_eager(update: Callable[..., Any]) -> Callable[..., Any]:
+def compiled_when_eager(update: Callable[..., Any], closes_over: Any = ()) -> Callable[..., Any]:
   """``update``, run through one cached :func:`jax.jit` when called outside any trace.
 
   Called eagerly, the solvers' loops would be compiled afresh on every call
   (their bodies are new closures each time): seconds per step. Inside
-  ``jit``, ``vmap`` or ``grad`` (any tracer among the arguments), and for the
-  Gramian engine's leaves, ``update`` runs as it is.
+  ``jit``, ``vmap`` or ``grad`` (any tracer among the arguments, or among
+  ``closes_over``: the hyperparameters ``update`` reads, such as a traced
+  ``alpha`` under ``jax.jvp``), and for the Gramian engine's leaves,
+  ``update`` runs as it is.
   """
   compiled = jax.jit(update)
 
   def update_fn(task_grads, state, params=None):
     leaves = jax.tree.leaves((task_grads, state, params))
-    if leaves and all(_is_concrete_array(leaf) for leaf in leaves):
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(closes_over))
+    if leaves and all(_is_concrete_array(leaf) for leaf in leaves) and not traced:
       return compiled(task_grads, state, params)
     return update(task_grads, state, params)
 
   return update_fn
 
 
-def in_float64(fn: Callable[..., Any], closes_over: Any = ()) -> Callable[..., Any]:
-  """``fn`` run inside ``jax.enable_x64(True)``, also when a ``vmap`` batches it later.
+def in_float64(fn: Callable[..., Any], closes_over: Any = (), reverse_mode: bool = True) -> Callable[..., Any]:
+  """``fn`` run inside ``jax.enable_x64(True)``, also when a ``vmap`` or a JVP reaches it later.
 
   ``jax.vmap`` around a ``lax.scan`` (or ``while_loop``, ``fori_loop``,
   ``lax.map``) does not call the loop body again: it batches the body's
   already traced program, outside the local x64 scope, where the float64
-  constants of the solvers no longer type-check. As a
-  :func:`jax.custom_batching.custom_vmap`, ``fn`` is traced afresh by its own
-  batching rule, inside the scope, whenever a ``vmap`` reaches it.
+  constants of the solvers no longer type-check. So ``fn`` is a
+  :func:`jax.custom_batching.custom_vmap` whose batching rule traces it afresh
+  inside the scope, and a :func:`jax.custom_jvp` whose rule differentiates it
+  inside the scope (JAX would otherwise trace the JVP rules of the passes
+  lazily, after the scope has closed).
 
   A ``custom_vmap`` function may not close over traced values, so ``fn`` runs
   as it is (inside the scope, but re-batched like any traced program) when
   ``closes_over`` (the values ``fn`` reads besides its arguments, such as
   hyperparameters) holds a tracer, or when the arguments are not all arrays
   (the Gramian engine's leaves).
+
+  With ``reverse_mode=False``, reverse-mode differentiation raises a
+  :class:`TypeError` that names forward mode
+  (:func:`gradops_jax._src.forward_only.guard_tangents`) instead of failing
+  inside JAX; forward mode is unchanged.
   """
 
   def scoped(*args):
@@ -96,10 +107,20 @@ def in_float64(fn: Callable[..., Any], closes_over: Any = ()) -> Callable[..., A
     out = jax.vmap(scoped, in_axes=in_axes)(*args)
     return out, jax.tree.map(lambda _: True, out)
 
+  differentiable = jax.custom_jvp(batchable)
+
+  @differentiable.defjvp
+  def jvp(primals, tangents):
+    with jax.enable_x64(True):
+      out, out_tangents = jax.jvp(scoped, primals, tangents)
+    if not reverse_mode:
+      out_tangents = forward_only.guard_tangents(out_tangents, "a gradops_jax aggregator")
+    return out, out_tangents
+
   def run(*args):
     arrays = all(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in jax.tree.leaves(args))
     traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(closes_over))
-    return batchable(*args) if arrays and not traced else scoped(*args)
+    return differentiable(*args) if arrays and not traced else scoped(*args)
 
   return run
 
@@ -145,9 +166,9 @@ def gram_aggregator(
       updates = passes.combine(task_grads, tolerances.without_rounding_noise(gram, weights, input_dtype))
       return updates, jax.tree.map(_cast_like, new_state, state)
 
-    return in_float64(reduce_solve_combine, hyperparameters)(task_grads, state)
+    return in_float64(reduce_solve_combine, hyperparameters, reverse_mode=False)(task_grads, state)
 
-  return optax.GradientTransformation(init_fn, compiled_when_eager(update_fn))
+  return optax.GradientTransformation(init_fn, compiled_when_eager(update_fn, hyperparameters))
 
 
 class WeightsState(NamedTuple):

@@ -146,6 +146,7 @@ def _select_projections(
 def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> Float[Array, " T"]:
   """Eqs. 4-5 in log space, with :math:`0^\\alpha` as ``docs/methods/gradops.md`` says."""
   num_tasks = scores.shape[0]
+  alpha = jnp.asarray(alpha).astype(scores.dtype)  # a traced float32 alpha (under jax.jvp) included
   is_zero = scores <= rank_rtol * jnp.max(scores)
   log_scores = jnp.log(jnp.where(is_zero, 1.0, scores))
   zero_term = jnp.where(alpha == 0, 0.0, -jnp.inf)
