@@ -407,11 +407,13 @@ def test_vmap_around_a_loop_that_calls_an_aggregator(method, form):
   }
   batch["w"] = batch["w"].at[:, :, 1].multiply(-0.5)  # conflicts
   state = tx.init({"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)})
-  batched = jax.jit(jax.vmap(lambda run: _loop(form, tx.update, state, run, steps)))(batch)
-  alone = jax.jit(lambda run: _loop(form, tx.update, state, run, steps))
-  for index in range(runs):
-    expected = alone(jax.tree.map(lambda g, index=index: g[index], batch))
-    chex.assert_trees_all_close(jax.tree.map(lambda u, index=index: u[index], batched), expected, rtol=1e-5, atol=1e-6)
+
+  def one_run(run):
+    return _loop(form, tx.update, state, run, steps)
+
+  # One program: the runs batched by vmap, and each alone (lax.map batches nothing).
+  batched, alone = jax.jit(lambda batch: (jax.vmap(one_run)(batch), jax.lax.map(one_run, batch)))(batch)
+  chex.assert_trees_all_close(batched, alone, rtol=1e-5, atol=1e-6)
 
 
 # -- Linen and TrainState -------------------------------------------------------------
