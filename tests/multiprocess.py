@@ -79,7 +79,8 @@ def train(mesh=None):
 
 
 def main(process_id: int, port: int, output: str) -> None:
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+  flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
+  os.environ["XLA_FLAGS"] = flags.strip()
   import jax
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -28,7 +28,9 @@ TRANSFORMS = NAMES + ["recon_scores+gradops"]
 
 @pytest.fixture(scope="module")
 def report():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  # The session's XLA flags (conftest's optimisation level) plus 8 host devices.
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   result = subprocess.run(
     [sys.executable, "-m", "tests.multidevice"],
     cwd=ROOT,

@@ -30,8 +30,7 @@ def free_port() -> int:
 
 def test_two_processes_on_eight_devices_train_like_one_device(tmp_path):
   port, output = free_port(), tmp_path / "params.npz"
-  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # the session's XLA flags (conftest's optimisation level)
   with contextlib.ExitStack() as stack:
     logs = [stack.enter_context(open(tmp_path / f"process{index}.log", "w+")) for index in range(2)]
     processes = [
