@@ -44,8 +44,12 @@ def _cast_like(new: jax.Array, old: jax.Array) -> jax.Array:
   return new.astype(old.dtype)
 
 
-def _is_concrete_array(leaf: Any) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) and not isinstance(leaf, jax.core.Tracer)
+def _is_array(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def _holds_tracer(tree: Any) -> bool:
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
 def compiled_when_eager(update: Callable[..., Any], closes_over: Any = ()) -> Callable[..., Any]:
@@ -62,8 +66,7 @@ def compiled_when_eager(update: Callable[..., Any], closes_over: Any = ()) -> Ca
 
   def update_fn(task_grads, state, params=None):
     leaves = jax.tree.leaves((task_grads, state, params))
-    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(closes_over))
-    if leaves and all(_is_concrete_array(leaf) for leaf in leaves) and not traced:
+    if leaves and all(_is_array(leaf) for leaf in leaves) and not _holds_tracer((leaves, closes_over)):
       return compiled(task_grads, state, params)
     return update(task_grads, state, params)
 
@@ -118,9 +121,8 @@ def in_float64(fn: Callable[..., Any], closes_over: Any = (), reverse_mode: bool
     return out, out_tangents
 
   def run(*args):
-    arrays = all(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in jax.tree.leaves(args))
-    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(closes_over))
-    return differentiable(*args) if arrays and not traced else scoped(*args)
+    arrays = all(_is_array(leaf) for leaf in jax.tree.leaves(args))
+    return differentiable(*args) if arrays and not _holds_tracer(closes_over) else scoped(*args)
 
   return run
 

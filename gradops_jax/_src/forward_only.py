@@ -12,6 +12,7 @@ the cause and the fix (forward mode). Forward mode is untouched.
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad
 from jax.interpreters import batching
@@ -52,7 +53,7 @@ def guard_tangents(tangents: Any, name: str) -> Any:
   """
 
   def guard(tangent):
-    if not jax.numpy.issubdtype(jax.numpy.result_type(tangent), jax.numpy.inexact):
+    if not jnp.issubdtype(jnp.result_type(tangent), jnp.inexact):
       return tangent
     return _guard_p.bind(tangent, name=name)
 

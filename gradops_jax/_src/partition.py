@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradops_jax._src import base
-from gradops_jax._src import passes
 from gradops_jax._src import validation
+from gradops_jax._src.methods.linear_scalarization import scale_by_linear_scalarization
 
 SHARED = "shared"
 TASK_SPECIFIC = "task_specific"
@@ -95,21 +94,6 @@ def _warn_if_trivial(flags: Any) -> None:
     )
 
 
-def _sum_over_tasks(num_tasks: int) -> optax.GradientTransformation:
-  """The task-specific part: each leaf's sum over its task axis (its own task's gradient)."""
-
-  def update_fn(task_grads, state, params=None):
-    validation.check_task_grads(task_grads, num_tasks, params)
-    combined = base.in_float64(lambda grads: passes.combine(grads, jnp.ones((num_tasks,), jnp.float64)))
-    return combined(task_grads), state
-
-  def init_fn(params):
-    validation.check_params(params)
-    return optax.EmptyState()
-
-  return optax.GradientTransformation(init_fn, base.compiled_when_eager(update_fn))
-
-
 def aggregate_shared(
   aggregator: optax.GradientTransformation,
   num_tasks: int,
@@ -181,7 +165,8 @@ def aggregate_shared(
   inner = optax.partition(
     {
       SHARED: aggregator,
-      TASK_SPECIFIC: _sum_over_tasks(num_tasks),
+      # The task-specific part: each leaf's sum over its task axis (its own task's gradient).
+      TASK_SPECIFIC: scale_by_linear_scalarization(num_tasks, [1.0] * num_tasks),
     },
     labels,
   )

@@ -61,4 +61,4 @@ def scale_by_linear_scalarization(
     combined = base.in_float64(lambda grads: passes.combine(grads, jnp.asarray(fixed, jnp.float64)), fixed)
     return combined(task_grads), state
 
-  return optax.GradientTransformation(init_fn, base.compiled_when_eager(update_fn))
+  return optax.GradientTransformation(init_fn, base.compiled_when_eager(update_fn, fixed))

@@ -162,7 +162,7 @@ def layer_conflict_scores(
         new_counts[name] = counts[name] + jnp.sum(pairs & (cosine < threshold)).astype(jnp.int32)
       return new_counts
 
-    counts = base.in_float64(count_conflicts)(task_grads, state.counts)
+    counts = base.in_float64(count_conflicts, threshold)(task_grads, state.counts)
     return task_grads, LayerConflictState(counts=counts, num_steps=state.num_steps + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
