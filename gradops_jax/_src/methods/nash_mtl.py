@@ -7,6 +7,7 @@ import optax
 
 from gradops_jax._src import base
 from gradops_jax._src import manual_axes
+from gradops_jax._src import tolerances
 from gradops_jax._src import validation
 from gradops_jax._src.solvers import accelerated
 
@@ -36,7 +37,8 @@ def nash_mtl_weights(
   every input: without it, zero or exactly opposite task gradients admit none
   (the weights then grow large on those tasks, whose contributions vanish or
   cancel). Stops when :math:`\max_i |\alpha_i (\hat K\alpha)_i - 1|` is at most
-  ``tol`` or after ``max_iters`` Newton steps.
+  ``tol`` or its own rounding, :math:`2(T+2)\epsilon \max_i \alpha_i (|\hat K|\alpha)_i`,
+  or after ``max_iters`` Newton steps.
 
   Args:
     gram: ``(T, T)`` Gram matrix.
@@ -58,9 +60,15 @@ def nash_mtl_weights(
   def residual(alpha):
     return jnp.max(jnp.abs(alpha * (quadratic @ alpha) - 1.0))
 
+  def solved(alpha):
+    # Rank-deficient K (T > D) puts weights ~1/sqrt(RIDGE) on its null space,
+    # and the residual's own rounding then exceeds any tol near 1e-12.
+    rounding = tolerances.rounding_bound(num_tasks, jnp.max(alpha * (jnp.abs(quadratic) @ alpha)))
+    return residual(alpha) <= jnp.maximum(tol, rounding)
+
   def cond_fn(carry):
     step, alpha = carry
-    return (step < max_iters) & (residual(alpha) > tol)
+    return (step < max_iters) & ~solved(alpha)
 
   def body_fn(carry):
     step, alpha = carry
@@ -86,7 +94,7 @@ def nash_mtl_weights(
 
   init = (jnp.array(0, jnp.int32), jnp.ones((num_tasks,), gram.dtype))
   num_steps, alpha = jax.lax.while_loop(cond_fn, body_fn, manual_axes.varying_like(init, quadratic))
-  info = accelerated.SolverInfo((residual(alpha) <= tol) | (frobenius == 0), num_steps)
+  info = accelerated.SolverInfo(solved(alpha) | (frobenius == 0), num_steps)
   return jnp.where(frobenius > 0, alpha, 0.0), info
 
 
