@@ -57,7 +57,7 @@ def accelerated_descent(
   gap: Callable[[jax.Array, Any], jax.Array],
   start: jax.Array,
   tol: float,
-  max_iters: int,
+  max_iters: int | jax.Array,
   step_size: float = 1.0,
 ) -> tuple[jax.Array, SolverInfo]:
   r"""Accelerated projected gradient with adaptive restart.

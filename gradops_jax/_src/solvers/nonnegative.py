@@ -122,11 +122,12 @@ def nonnegative_quadratic_minimizer(
   by accelerated projected gradient, with step size :math:`1/\lambda_{\max}(K)`
   (one symmetric eigenvalue solve, shared when the QP is vmapped over
   :math:`b`; the trace of :math:`K`, a cheaper bound, is up to T times
-  larger and slows the iteration down by up to :math:`\sqrt T`), followed,
-  when it has not met the tolerance, by an exact solve on the
-  optimal free set (Lawson and Hanson's active-set method, started from the
-  identified one), kept when it is at least as optimal or within the
-  tolerance. Stops when the projected-gradient residual
+  larger and slows the iteration down by up to :math:`\sqrt T`), for up to
+  ``10 T`` steps; then, when it has not met the tolerance, an exact solve on
+  the optimal free set (Lawson and Hanson's active-set method, started from
+  the identified one), kept when it is at least as optimal or within the
+  tolerance; then, when that did not certify a minimiser, accelerated steps
+  again up to ``max_iters`` in all. Stops when the projected-gradient residual
   :math:`\|v - \max(v - (Kv + b), 0)\|_\infty` is at most ``tol`` times the
   largest diagonal entry of :math:`K`, or after ``max_iters`` steps.
 
@@ -151,13 +152,24 @@ def nonnegative_quadratic_minimizer(
   trial = accelerated.fixed_step_trial(
     objective, lambda point: jnp.maximum(point - (quadratic @ point + linear) / lipschitz, 0.0)
   )
-  v, info = accelerated.accelerated_descent(
-    trial,
-    lambda v: (objective(v),),
-    lambda v, _: _kkt_residual(quadratic, linear, v),
-    jnp.zeros_like(linear),
-    tol,
-    max_iters,
-  )
-  v, done = _polish(quadratic, linear, v, tol, info.converged)
-  return v, accelerated.SolverInfo(info.converged | done, info.num_steps)
+
+  def descend(start, num_iters):
+    return accelerated.accelerated_descent(
+      trial,
+      lambda v: (objective(v),),
+      lambda v, _: _kkt_residual(quadratic, linear, v),
+      start,
+      tol,
+      num_iters,
+    )
+
+  # Degenerate QPs (T > D, ties) can take FISTA thousands of steps to the
+  # tolerance that a few active-set steps reach from a rough iterate; but an
+  # active-set step costs about T first-order steps. So: first-order steps up
+  # to 10 T, the active-set finish when they fell short, and the remaining
+  # first-order steps only when that finish did not certify a minimiser.
+  first_iters = min(max_iters, 10 * linear.shape[0])
+  v, first = descend(jnp.zeros_like(linear), first_iters)
+  v, done = _polish(quadratic, linear, v, tol, first.converged)
+  v, second = descend(v, jnp.where(done, 0, max_iters - first_iters))
+  return v, accelerated.SolverInfo(second.converged | done, first.num_steps + second.num_steps)
