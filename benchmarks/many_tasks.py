@@ -9,7 +9,7 @@ the jitted update of every registered method on one ``(T, D)`` float32 leaf
 of standard normal entries, after compilation, its compile time (lowering
 and compiling a fresh ``jax.jit``), and torchjd's aggregator on the same
 matrix where it has the method; ours and theirs take turns call by call
-(:func:`benchmarks.run.median_times`). A peer whose first call takes longer
+(:func:`paired_times`). A peer whose first call takes longer
 than ``PEER_BUDGET_S`` is timed by that call alone. **Gram pass:** GradOPS
 against the one-pass floor (a jitted weighted sum) on one leaf of D = 1e6 and
 4e6, T = 8 to 64, with torchjd's UPGrad. ``run.py`` includes this section;
@@ -92,6 +92,22 @@ def within_budget(calls):
   return kept, slow
 
 
+def paired_times(calls, repeats, seconds=1.0):
+  """:func:`benchmarks.run.median_times` of a method and its peer, side by side, for about ``seconds``.
+
+  Rounds are capped by the slower call, so that a peer 1000 times slower
+  than a 0.1 ms update is not called 1000 times.
+  """
+  first = {}
+  for name, (fn, args) in calls.items():
+    jax.block_until_ready(fn(*args))  # compiles, warms up
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first[name] = time.perf_counter() - start
+  max_rounds = int(min(1000, max(repeats, seconds / max(max(first.values()), 1e-9))))
+  return median_times(calls, repeats, min_seconds=seconds / 4, max_rounds=max_rounds)
+
+
 def bench_solves(tasks, dims, repeats, progress=print):
   rows = []
   for num_tasks in tasks:
@@ -105,12 +121,15 @@ def bench_solves(tasks, dims, repeats, progress=print):
         matrix = torch.from_numpy(np.array(tree["leaf000"]))
         peer_calls = {name: (aggregator, (matrix,)) for name, aggregator in peers.items()}
       peer_calls, slow_peers = within_budget(peer_calls)
-      times = median_times({**calls, **{f"torchjd {name}": call for name, call in peer_calls.items()}}, repeats)
       for name, tx in transforms.items():
+        pair = {name: calls[name]}
+        if name in peer_calls:
+          pair["torchjd"] = peer_calls[name]
+        times = paired_times(pair, repeats)
         row = {"method": name, "T": num_tasks, "D": int(dim), "ours_ms": 1e3 * times[name]}
         row["compile_s"] = compile_seconds(tx, tree)
         if name in peer_calls:
-          row["torchjd_ms"] = 1e3 * times[f"torchjd {name}"]
+          row["torchjd_ms"] = 1e3 * times["torchjd"]
         elif name in slow_peers:
           row["torchjd_ms"] = 1e3 * slow_peers[name]
           row["torchjd_single_call"] = True
