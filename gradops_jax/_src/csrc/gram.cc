@@ -240,9 +240,13 @@ void Gram(const In* x, int64_t tasks, int64_t length, ffi::ThreadPool& pool, dou
   const auto padded = [tasks](int64_t tile) { return (tasks + tile - 1) / tile * tile; };
   const int64_t tile = tasks <= kMaxTile ? std::max<int64_t>(tasks, 1) : padded(3) < padded(4) ? 3 : 4;
   const int64_t padded_tasks = padded(tile);
-  // One block of converted rows fits in 16 KiB (a third of a level-1 data cache).
-  const int64_t block =
-      std::max<int64_t>(kLanes * 8, std::min<int64_t>(2048 / padded_tasks / kLanes * kLanes, 1024));
+  // Up to T = 16, one block of converted rows fits in 16 KiB (a third of a
+  // level-1 data cache). Past that, each block also pays a read-modify-write
+  // of T^2 vectors of partial sums and the set-up of T^2 / N^2 tiles, which
+  // blocks of at least 8 T columns amortise; the rows then stay in the
+  // level-2 cache (at most 512 KiB), which the tiles' loads keep up with.
+  const int64_t block = std::max<int64_t>(
+      kLanes * 8, std::min<int64_t>(std::max<int64_t>(2048 / padded_tasks, 8 * padded_tasks) / kLanes * kLanes, 1024));
   const int64_t num_blocks = (length + block - 1) / block;
   const int64_t wanted = std::min(kMaxGramChunks, tasks * length / kElementsPerChunk);
   const int64_t num_chunks = std::max<int64_t>(1, std::min(wanted, num_blocks));
