@@ -11,7 +11,9 @@ import gradops_jax
 from gradops_jax import default_rank_rtol
 
 # White-box: the one-inverse fast path against the general per-task path.
-from gradops_jax._src.methods.gradops import _project_all_tasks, _project_one_task
+from gradops_jax._src import linalg
+from gradops_jax._src import tolerances
+from gradops_jax._src.methods.gradops import _project_all_tasks, _project_all_tasks_rank_revealing
 from tests import cases as cases_lib
 from tests import jitting
 from tests import reference
@@ -151,26 +153,58 @@ def test_float64_inputs_with_x64():
     np.testing.assert_allclose(np.asarray(updates["a"]), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("num_tasks", [2, 5, 64])
-def test_one_inverse_gives_the_per_task_projections_when_well_conditioned(num_tasks):
-  """The residuals from one inverse of the cosine matrix (taken when its smallest eigenvalue
-  exceeds 1e-3) against one eigendecomposition per task, row by row, a zero task included."""
+def _per_task_residuals(cosine, active, rank_rtol):
+  """Residual of each active unit task on the others, one thresholded eigendecomposition per task."""
+  num_tasks = cosine.shape[0]
+  threshold = max(rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
+
+  def one_task(task):
+    others = active & (jnp.arange(num_tasks) != task)
+    target = jnp.where(others, cosine[:, task], 0.0)
+    least_squares = linalg.thresholded_eigh_solve(linalg.masked_block(cosine, others), target, threshold)
+    return jax.nn.one_hot(task, num_tasks, dtype=cosine.dtype) - least_squares
+
+  return jnp.where(active[:, None], jax.vmap(one_task)(jnp.arange(num_tasks)), 0.0)
+
+
+def _residual_grads(kind, num_tasks):
   rng = np.random.default_rng(num_tasks)
-  grads = rng.standard_normal((num_tasks, 8 * num_tasks))
-  if num_tasks > 2:
+  if kind == "well_conditioned":
+    grads = rng.standard_normal((num_tasks, 8 * num_tasks))
+  else:  # more tasks than dimensions, with a duplicated and an opposite pair
+    grads = rng.standard_normal((num_tasks, max(2, num_tasks // 2)))
+    grads[1] = grads[0]
+    grads[3] = -0.5 * grads[2]
+  if num_tasks > 4:
     grads[num_tasks // 2] = 0.0
+  return grads
+
+
+@pytest.mark.parametrize(
+  "kind, num_tasks", [("well_conditioned", t) for t in (2, 5, 64)] + [("rank_deficient", t) for t in (5, 8, 64)]
+)
+def test_one_factorisation_gives_the_per_task_projections(kind, num_tasks):
+  """The residuals from one Cholesky inverse (taken when the cosine matrix's smallest
+  eigenvalue exceeds 1e-3) and from one eigendecomposition (otherwise), against one
+  eigendecomposition per task, as vectors (their length, through the cosine matrix)."""
+  grads = _residual_grads(kind, num_tasks)
   with jax.enable_x64(True):
     norms, _, cosine = gradops_jax.cosine_from_gram(jnp.asarray(grads @ grads.T))
     active = norms > 0
-    active_block = jnp.where(active[:, None] & active[None, :], cosine, jnp.eye(num_tasks))
-    assert jnp.linalg.eigvalsh(active_block)[0] > 1e-3
     rank_rtol = default_rank_rtol(num_tasks, jnp.float32)
-    per_task = jax.vmap(_project_one_task, in_axes=(None, None, 0, None))(
-      cosine, active, jnp.arange(num_tasks), rank_rtol
-    )
-    one_inverse = _project_all_tasks(cosine, active)
+    per_task = _per_task_residuals(cosine, active, rank_rtol)
+    computed = [_project_all_tasks_rank_revealing(cosine, active, rank_rtol)]
+    smallest = jnp.linalg.eigvalsh(linalg.masked_block(cosine, active))[0]
+    assert (smallest > 1e-3) == (kind == "well_conditioned")
+    if kind == "well_conditioned":
+      computed.append(_project_all_tasks(cosine, active))
+    for residuals in computed:
+      difference = np.asarray(residuals - per_task)
+      lengths = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", difference, np.asarray(cosine), difference), 0))
+      np.testing.assert_array_less(lengths, 1e-7)
   assert not np.allclose(per_task, np.eye(num_tasks))  # some rows are projections
-  np.testing.assert_allclose(one_inverse, per_task, rtol=0, atol=1e-12)
+  if kind == "rank_deficient":  # every task is in the span of the others
+    assert np.all(np.asarray(computed[0]) == 0)
 
 
 # No retrace on new values: see tests/test_battery.py (every method, GradOPS included).

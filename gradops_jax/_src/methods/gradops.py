@@ -86,16 +86,35 @@ class GradOPSState(NamedTuple):
   num_steps: jax.Array
 
 
-def _project_one_task(cosine: jax.Array, active: jax.Array, task: jax.Array, rank_rtol: float) -> jax.Array:
-  """Residual of unit task ``task`` on the other active tasks (unit-normalised basis)."""
+def _project_all_tasks_rank_revealing(cosine: jax.Array, active: jax.Array, rank_rtol: float) -> jax.Array:
+  r"""Residuals of every active unit task on the other active ones, from one eigendecomposition.
+
+  With the active tasks' cosine matrix :math:`M = Q \Lambda Q^\top`, the
+  eigenvalues at most ``threshold`` (below ``rank_rtol`` squared, or what
+  the eigensolver resolves) are dependencies of the unit gradients, and
+  :math:`z_i = \sum_{\lambda_k \le \text{threshold}} Q_{ik}^2` is how much
+  task :math:`i` takes part in them. A task with :math:`z_i` above the
+  threshold lies in the span of the others (its residual is rounding:
+  zero). The residual of any other task is row :math:`i` of
+  :math:`P = Q_r \Lambda_r^{-1} Q_r^\top` (the kept eigenpairs) over
+  :math:`P_{ii}`: it has coefficient 1 on task :math:`i`, is orthogonal to
+  every other task, and is the smallest such combination. This is the
+  residual on the others' span with their own dropped directions
+  (``docs/methods/gradops.md``) wherever that decision is not within
+  rounding of the threshold, for T times less work than one
+  eigendecomposition per task.
+  """
   num_tasks = cosine.shape[0]
-  unit = jax.nn.one_hot(task, num_tasks, dtype=cosine.dtype)
-  others = active & (jnp.arange(num_tasks) != task)
-  # Eigenvalues below what the eigensolver can resolve are rounding too.
   threshold = max(rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
-  target = jnp.where(others, cosine[:, task], 0.0)
-  least_squares = linalg.thresholded_eigh_solve(linalg.masked_block(cosine, others), target, threshold)
-  return unit - least_squares
+  eigenvalues, eigenvectors = jnp.linalg.eigh(linalg.masked_block(cosine, active))
+  kept = eigenvalues > threshold
+  inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
+  pseudo_inverse = (eigenvectors * inverse[None, :]) @ eigenvectors.T
+  participation = jnp.sum(jnp.where(kept, 0.0, eigenvectors**2), axis=1)
+  diagonal = jnp.diagonal(pseudo_inverse)
+  independent = active & (participation <= threshold) & (diagonal > 0)
+  residuals = pseudo_inverse / jnp.where(independent, diagonal, 1.0)[:, None]
+  return jnp.where(independent[:, None], residuals, 0.0)
 
 
 # Smallest eigenvalue of the active tasks' cosine matrix above which all the
@@ -110,9 +129,9 @@ def _project_all_tasks(cosine: jax.Array, active: jax.Array) -> jax.Array:
   With :math:`M` the active tasks' cosine matrix and :math:`P = M^{-1}`, the
   residual of :math:`u_i` on the other tasks is :math:`P_{i\cdot} / P_{ii}`
   (the Schur complement of :math:`M_{-i}`). When no eigenvalue of :math:`M`
-  is below the thresholds of :func:`_project_one_task`, none of any
-  :math:`M_{-i}` is either (they interlace): this is what
-  :func:`_project_one_task` computes, row by row.
+  is below the thresholds of :func:`_project_all_tasks_rank_revealing`,
+  none of any :math:`M_{-i}` is either (they interlace), and both give the
+  residuals on the others' whole span.
   """
   matrix = linalg.masked_block(cosine, active)
   identity = jnp.eye(cosine.shape[0], dtype=cosine.dtype)
@@ -212,8 +231,8 @@ def gradops_solve(
   off_diagonal = ~jnp.eye(num_tasks, dtype=bool)
   conflicting = jnp.any((gram < 0) & off_diagonal, axis=1)
 
-  # One factorisation when the active tasks are far from linearly dependent
-  # (M - threshold I is positive definite), else one eigendecomposition per task.
+  # One Cholesky factorisation when the active tasks are far from linearly
+  # dependent (M - threshold I is positive definite), else one eigendecomposition.
   threshold = max(_WELL_CONDITIONED, rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
   shifted = linalg.masked_block(cosine, active) - threshold * jnp.eye(num_tasks, dtype=cosine.dtype)
   # Positive definite: the smallest eigenvalue, not a Cholesky factor that is NaN by design otherwise.
@@ -221,9 +240,7 @@ def gradops_solve(
   residuals = jax.lax.cond(
     well_conditioned,
     lambda: _project_all_tasks(cosine, active),
-    lambda: jax.vmap(_project_one_task, in_axes=(None, None, 0, None))(
-      cosine, active, jnp.arange(num_tasks), rank_rtol
-    ),
+    lambda: _project_all_tasks_rank_revealing(cosine, active, rank_rtol),
   )
   unit_projection = _select_projections(residuals, cosine, active, conflicting, rank_rtol)
   # g'_i = n_i u'_i = sum_j (n_i P_ij / n_j) g_j.
