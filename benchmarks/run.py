@@ -800,7 +800,16 @@ def main(argv=None):
   from benchmarks import engines  # imports this module's timing helpers
 
   results["engines"], results["engine_budget"] = engines.run(mode)
-  table = markdown(results) + "\n" + engines.markdown(results["engines"], results["engine_budget"])
+  from benchmarks import many_tasks
+
+  results["many_tasks"] = many_tasks.run(mode)
+  table = (
+    markdown(results)
+    + "\n"
+    + engines.markdown(results["engines"], results["engine_budget"])
+    + "\n"
+    + many_tasks.markdown(results["many_tasks"])
+  )
   print(table)
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / f"{mode}.md").write_text(table)

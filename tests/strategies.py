@@ -10,16 +10,20 @@ The values themselves come from a NumPy generator seeded by hypothesis, so an
 example is small to store and replay while the structure is searched.
 
 Shapes come from a small pool (T in 1..64, two pytree structures) so that the
-jitted transforms compile a bounded number of times however many examples run.
+jitted transforms compile a bounded number of times however many examples run;
+the thorough profile also draws T = 128 and 256 (more tasks than dimensions in
+both structures, as in instance-wise risk minimisation).
 """
 
 import dataclasses
 
+from hypothesis import settings
 import hypothesis.strategies as st
 import jax.numpy as jnp
 import numpy as np
 
 NUM_TASKS = (1, 2, 3, 4, 5, 8, 16, 64)
+LARGE_NUM_TASKS = (128, 256)  # the thorough profile only: seconds per compile and per hard solve
 # Mixed leaf shapes (D = 40), and one small leaf (D = 6) where most T exceed D.
 STRUCTURES = {
   "mixed": {"dense": {"kernel": (3, 4), "bias": (4,)}, "scalar": (), "conv": (2, 2, 1, 3), "rest": (11,)},
@@ -117,9 +121,10 @@ def _apply_edit(rng, matrix, edit, dtype):
 
 
 @st.composite
-def task_gradients(draw, dtypes=DTYPES, max_num_tasks=64) -> TaskGradients:
+def task_gradients(draw, dtypes=DTYPES, max_num_tasks=LARGE_NUM_TASKS[-1]) -> TaskGradients:
   """Draws a :class:`TaskGradients` example."""
-  num_tasks = draw(st.sampled_from([t for t in NUM_TASKS if t <= max_num_tasks]))
+  pool = NUM_TASKS + (LARGE_NUM_TASKS if settings.get_current_profile_name() == "thorough" else ())
+  num_tasks = draw(st.sampled_from([t for t in pool if t <= max_num_tasks]))
   structure_name = draw(st.sampled_from(sorted(STRUCTURES)))
   structure = STRUCTURES[structure_name]
   dtype = draw(st.sampled_from(dtypes))

@@ -21,3 +21,5 @@ def test_benchmark_entry_point_tiny(tmp_path, capsys):
   assert "Gramian engine vs stacked engine" in out
   assert {(row["model"], row["T"]) for row in results["engines"]} == {("mlp", 2), ("mlp", 3), ("cnn", 2), ("cnn", 3)}
   assert set(results["engine_budget"]["largest"]) <= {"summed", "stacked", "gramian"}
+  assert "Many tasks: update time" in out and "Many tasks: the Gram pass" in out
+  assert {(row["method"], row["T"]) for row in results["many_tasks"]["solves"]} >= {("UPGrad", 16), ("GradOPS", 16)}
