@@ -82,7 +82,7 @@ class _PolishState(NamedTuple):
   found: jax.Array
 
 
-def _polish(cosine, scales, a, tol):
+def _polish(cosine, scales, a, tol, converged):
   """The exact KKT solution on the support of the optimum, found from the iterate ``a``.
 
   A primal active-set method (Lawson and Hanson's, on the scaled simplex)
@@ -101,8 +101,9 @@ def _polish(cosine, scales, a, tol):
     support's affine set (near-duplicate tasks), move along it until the
     first weight reaches 0 and drop that task.
 
-  At most ``3 T`` solves. Returns ``(solution, found)``: ``a`` when none
-  qualifies.
+  At most ``3 T`` solves, none when ``converged`` (the first-order iterate
+  met ``tol``: each solve is an eigendecomposition). Returns
+  ``(solution, found)``: ``a`` when none qualifies.
   """
   num_tasks = cosine.shape[0]
   bound = jnp.maximum(_scaled_simplex_gap(cosine, scales, a), tol)
@@ -143,7 +144,7 @@ def _polish(cosine, scales, a, tol):
       found=state.found | found,
     )
 
-  init = _PolishState(jnp.array(0, jnp.int32), a, a > 0, jnp.array(False), a, jnp.array(False))
+  init = _PolishState(jnp.array(0, jnp.int32), a, a > 0, converged, a, jnp.array(False))
   final = jax.lax.while_loop(cond_fn, body_fn, manual_axes.varying_like(init, cosine, scales))
   return final.best, final.found
 
@@ -187,7 +188,9 @@ def min_norm_simplex_weights(
   zero = norms == 0
   safe_norms = jnp.where(zero, 1.0, norms)
   scales = jnp.min(safe_norms) / safe_norms
-  lipschitz = jnp.maximum(jnp.linalg.norm(cosine, ord=2), jnp.finfo(gram.dtype).tiny)
+  # The largest eigenvalue of the positive semi-definite cosine matrix, its
+  # 2-norm, without an SVD; 1 + 1e-6 makes it an upper bound despite rounding.
+  lipschitz = jnp.maximum(jnp.linalg.eigvalsh(cosine)[-1] * (1 + 1e-6), jnp.finfo(gram.dtype).tiny)
   start = jnp.full((num_tasks,), 1.0, gram.dtype) / jnp.sum(scales)
 
   def objective(a):
@@ -205,7 +208,7 @@ def min_norm_simplex_weights(
     tol,
     max_iters,
   )
-  a, found = _polish(cosine, scales, a, tol)
+  a, found = _polish(cosine, scales, a, tol, info.converged)
   weights = scales * a
   weights = weights / jnp.sum(weights)
   zero_weights = zero.astype(gram.dtype) / jnp.maximum(jnp.sum(zero), 1).astype(gram.dtype)
