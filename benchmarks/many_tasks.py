@@ -34,6 +34,7 @@ from benchmarks.run import method_transforms
 from benchmarks.run import mode_parser
 from benchmarks.run import params_like
 from benchmarks.run import stacked_tree
+from benchmarks.run import torchjd_aggregators
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 PEER_BUDGET_S = 20.0
@@ -50,23 +51,21 @@ MODES = {
 
 def torchjd_peers(num_tasks):
   """torchjd's aggregators under our method names, or None without torch and torchjd."""
-  try:
-    import torch
-    from torchjd import aggregation
-  except ImportError:
+  torch, peers = torchjd_aggregators()  # PCGrad, UPGrad, MGDA and Mean
+  if peers is None:
     return None, None
-  torch.set_num_threads(len(os.sched_getaffinity(0)))  # same cores as XLA
-  return torch, {
-    "UPGrad": aggregation.UPGrad(),
-    "MGDA": aggregation.MGDA(),
-    "PCGrad": aggregation.PCGrad(),
-    "Mean": aggregation.Mean(),
-    "IMTL-G": aggregation.IMTLG(),
-    "Aligned-MTL": aggregation.AlignedMTL(),
-    "CAGrad": aggregation.CAGrad(c=0.5),  # our default c
-    "Nash-MTL": aggregation.NashMTL(n_tasks=num_tasks),
-    "GradVac": aggregation.GradVac(beta=1e-2),  # our default beta
-  }
+  from torchjd import aggregation
+
+  peers.update(
+    {
+      "IMTL-G": aggregation.IMTLG(),
+      "Aligned-MTL": aggregation.AlignedMTL(),
+      "CAGrad": aggregation.CAGrad(c=0.5),  # our default c
+      "Nash-MTL": aggregation.NashMTL(n_tasks=num_tasks),
+      "GradVac": aggregation.GradVac(beta=1e-2),  # our default beta
+    }
+  )
+  return torch, peers
 
 
 def compile_seconds(tx, tree):

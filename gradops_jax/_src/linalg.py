@@ -52,6 +52,16 @@ def scale_to_unit_diagonal(gram: Float[Array, "T T"]) -> tuple[jax.Array, jax.Ar
   return gram / scale, scale
 
 
+def largest_eigenvalue_bound(matrix: Float[Array, "T T"]) -> jax.Array:
+  """An upper bound on the largest eigenvalue of a symmetric ``matrix`` (its 2-norm when PSD).
+
+  The eigensolver's value, raised by a relative 1e-6 (far above its
+  rounding), and at least the smallest normal number: the Lipschitz constant
+  of a first-order solver's fixed step, which must not be underestimated.
+  """
+  return jnp.maximum(jnp.linalg.eigvalsh(matrix)[-1] * (1 + 1e-6), jnp.finfo(matrix.dtype).tiny)
+
+
 def masked_block(matrix: jax.Array, mask: jax.Array) -> jax.Array:
   """``matrix`` on the block ``mask x mask``, the identity elsewhere.
 

@@ -188,9 +188,7 @@ def min_norm_simplex_weights(
   zero = norms == 0
   safe_norms = jnp.where(zero, 1.0, norms)
   scales = jnp.min(safe_norms) / safe_norms
-  # The largest eigenvalue of the positive semi-definite cosine matrix, its
-  # 2-norm, without an SVD; 1 + 1e-6 makes it an upper bound despite rounding.
-  lipschitz = jnp.maximum(jnp.linalg.eigvalsh(cosine)[-1] * (1 + 1e-6), jnp.finfo(gram.dtype).tiny)
+  lipschitz = linalg.largest_eigenvalue_bound(cosine)  # its 2-norm, without an SVD
   start = jnp.full((num_tasks,), 1.0, gram.dtype) / jnp.sum(scales)
 
   def objective(a):

@@ -165,8 +165,7 @@ def nonnegative_quadratic_minimizer(
   """
   quadratic, scale = linalg.scale_to_unit_diagonal(quadratic)
   linear = linear / scale
-  # 1 + 1e-6: an upper bound despite the eigensolver's rounding (relative 1e-16 here).
-  lipschitz = jnp.maximum(jnp.linalg.eigvalsh(quadratic)[-1] * (1 + 1e-6), jnp.finfo(quadratic.dtype).tiny)
+  lipschitz = linalg.largest_eigenvalue_bound(quadratic)
 
   def objective(v):
     return 0.5 * v @ quadratic @ v + linear @ v
