@@ -167,18 +167,21 @@ def nonnegative_quadratic_minimizer(
   linear = linear / scale
   lipschitz = linalg.largest_eigenvalue_bound(quadratic)
 
-  def objective(v):
-    return 0.5 * v @ quadratic @ v + linear @ v
+  def evaluate(v):
+    # The objective and its gradient from one product with K, which the
+    # stopping test (the KKT residual) reuses.
+    gradient = quadratic @ v + linear
+    return 0.5 * v @ (gradient + linear), gradient
 
-  trial = accelerated.fixed_step_trial(
-    objective, lambda point: jnp.maximum(point - (quadratic @ point + linear) / lipschitz, 0.0)
-  )
+  def trial(point, step_size):
+    candidate = jnp.maximum(point - (quadratic @ point + linear) / lipschitz, 0.0)
+    return candidate, evaluate(candidate), jnp.array(True), step_size
 
   def descend(start, num_iters):
     return accelerated.accelerated_descent(
       trial,
-      lambda v: (objective(v),),
-      lambda v, _: _kkt_residual(quadratic, linear, v),
+      evaluate,
+      lambda v, evaluation: jnp.max(jnp.abs(v - jnp.maximum(v - evaluation[1], 0.0))),
       start,
       tol,
       num_iters,
