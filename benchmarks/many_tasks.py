@@ -104,7 +104,7 @@ def paired_times(calls, repeats, seconds=1.0):
     jax.block_until_ready(fn(*args))
     first[name] = time.perf_counter() - start
   max_rounds = int(min(1000, max(repeats, seconds / max(max(first.values()), 1e-9))))
-  return median_times(calls, repeats, min_seconds=seconds / 4, max_rounds=max_rounds)
+  return median_times(calls, repeats, min_seconds=seconds / 4, max_rounds=max_rounds, warm_up=False)
 
 
 def bench_solves(tasks, dims, repeats, progress=print):

@@ -76,16 +76,16 @@ def cpu_model():
   return names[0] if names else platform.processor() or "unknown CPU"
 
 
-def median_times(calls, repeats, min_seconds=0.25, max_rounds=1000):
+def median_times(calls, repeats, min_seconds=0.25, max_rounds=1000, warm_up=True):
   """Median wall time of each call in ``calls`` (name -> (fn, args)), measured side by side.
 
-  After one warm-up call each, the calls take turns, one call each per round,
+  After one warm-up call each (unless the caller has made them), the calls take turns, one call each per round,
   so that the machine's slow spells fall on all of them alike: at least
   ``repeats`` rounds, and more (up to ``max_rounds``) until every call has
   run for ``min_seconds`` in all, so that short calls get enough samples for
   a steady median.
   """
-  for fn, args in calls.values():
+  for fn, args in calls.values() if warm_up else ():
     jax.block_until_ready(fn(*args))
   samples = {name: [] for name in calls}
   rounds = 0

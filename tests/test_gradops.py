@@ -12,8 +12,9 @@ from gradops_jax import default_rank_rtol
 
 # White-box: the one-inverse fast path against the general per-task path.
 from gradops_jax._src import linalg
-from gradops_jax._src import tolerances
-from gradops_jax._src.methods.gradops import _project_all_tasks, _project_all_tasks_rank_revealing
+from gradops_jax._src.methods.gradops import _project_all_tasks
+from gradops_jax._src.methods.gradops import _project_all_tasks_rank_revealing
+from gradops_jax._src.methods.gradops import dependency_threshold
 from tests import cases as cases_lib
 from tests import jitting
 from tests import reference
@@ -156,12 +157,13 @@ def test_float64_inputs_with_x64():
 def _per_task_residuals(cosine, active, rank_rtol):
   """Residual of each active unit task on the others, one thresholded eigendecomposition per task."""
   num_tasks = cosine.shape[0]
-  threshold = max(rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
+  threshold = dependency_threshold(num_tasks, rank_rtol, cosine.dtype)
 
   def one_task(task):
     others = active & (jnp.arange(num_tasks) != task)
     target = jnp.where(others, cosine[:, task], 0.0)
-    least_squares = linalg.thresholded_eigh_solve(linalg.masked_block(cosine, others), target, threshold)
+    pseudo_inverse, _ = linalg.thresholded_pseudo_inverse(linalg.masked_block(cosine, others), threshold)
+    least_squares = pseudo_inverse @ target
     return jax.nn.one_hot(task, num_tasks, dtype=cosine.dtype) - least_squares
 
   return jnp.where(active[:, None], jax.vmap(one_task)(jnp.arange(num_tasks)), 0.0)

@@ -73,13 +73,19 @@ def masked_block(matrix: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask[:, None] & mask[None, :], matrix, identity)
 
 
-def thresholded_eigh_solve(matrix: jax.Array, rhs: jax.Array, threshold: float) -> jax.Array:
-  """Least-squares solution of ``matrix x = rhs`` dropping eigenvalues not above ``threshold``.
+def thresholded_pseudo_inverse(matrix: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
+  """Pseudo-inverse of ``matrix`` dropping eigenvalues not above ``threshold``, and each row's weight in them.
 
   ``matrix`` is symmetric positive semi-definite; eigen-directions at or below
   the threshold are treated as its null space (rounding, not signal).
+
+  Returns:
+    ``(pseudo_inverse, dropped)``: ``dropped[i]`` is the squared norm of row
+    ``i`` of the dropped eigenvectors, how much coordinate ``i`` takes part in
+    that null space.
   """
   eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
   kept = eigenvalues > threshold
   inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
-  return eigenvectors @ (inverse * (eigenvectors.T @ rhs))
+  dropped = jnp.sum(jnp.where(kept[None, :], 0.0, eigenvectors**2), axis=1)
+  return (eigenvectors * inverse[None, :]) @ eigenvectors.T, dropped

@@ -86,6 +86,15 @@ class GradOPSState(NamedTuple):
   num_steps: jax.Array
 
 
+def dependency_threshold(num_tasks: int, rank_rtol: float, dtype: Any) -> float:
+  """Eigenvalue of the unit gradients' cosine matrix at or below which a direction is a dependency.
+
+  ``rank_rtol`` squared (a singular value of the unit gradients at most
+  ``rank_rtol``), or what the eigensolver resolves, whichever is larger.
+  """
+  return max(rank_rtol**2, tolerances.eigen_resolution(num_tasks, dtype))
+
+
 def _project_all_tasks_rank_revealing(cosine: jax.Array, active: jax.Array, rank_rtol: float) -> jax.Array:
   r"""Residuals of every active unit task on the other active ones, from one eigendecomposition.
 
@@ -104,13 +113,8 @@ def _project_all_tasks_rank_revealing(cosine: jax.Array, active: jax.Array, rank
   rounding of the threshold, for T times less work than one
   eigendecomposition per task.
   """
-  num_tasks = cosine.shape[0]
-  threshold = max(rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
-  eigenvalues, eigenvectors = jnp.linalg.eigh(linalg.masked_block(cosine, active))
-  kept = eigenvalues > threshold
-  inverse = jnp.where(kept, 1.0 / jnp.where(kept, eigenvalues, 1.0), 0.0)
-  pseudo_inverse = (eigenvectors * inverse[None, :]) @ eigenvectors.T
-  participation = jnp.sum(jnp.where(kept, 0.0, eigenvectors**2), axis=1)
+  threshold = dependency_threshold(cosine.shape[0], rank_rtol, cosine.dtype)
+  pseudo_inverse, participation = linalg.thresholded_pseudo_inverse(linalg.masked_block(cosine, active), threshold)
   diagonal = jnp.diagonal(pseudo_inverse)
   independent = active & (participation <= threshold) & (diagonal > 0)
   residuals = pseudo_inverse / jnp.where(independent, diagonal, 1.0)[:, None]
@@ -233,7 +237,7 @@ def gradops_solve(
 
   # One Cholesky factorisation when the active tasks are far from linearly
   # dependent (M - threshold I is positive definite), else one eigendecomposition.
-  threshold = max(_WELL_CONDITIONED, rank_rtol**2, tolerances.eigen_resolution(num_tasks, cosine.dtype))
+  threshold = max(_WELL_CONDITIONED, dependency_threshold(num_tasks, rank_rtol, cosine.dtype))
   shifted = linalg.masked_block(cosine, active) - threshold * jnp.eye(num_tasks, dtype=cosine.dtype)
   # Positive definite: the smallest eigenvalue, not a Cholesky factor that is NaN by design otherwise.
   well_conditioned = jnp.linalg.eigvalsh(shifted)[0] > 0

@@ -45,10 +45,14 @@ def _solve_on_free_set(quadratic, linear, free, exact=True):
   return jnp.where(free, solution, 0.0)
 
 
-def _kkt_residual(quadratic, linear, v):
-  """Projected-gradient norm: zero exactly at the KKT points."""
-  gradient = quadratic @ v + linear
+def _projected_gradient_norm(v, gradient):
+  """``max |v - max(v - gradient, 0)|``: zero exactly at the KKT points."""
   return jnp.max(jnp.abs(v - jnp.maximum(v - gradient, 0.0)))
+
+
+def _kkt_residual(quadratic, linear, v):
+  """The projected-gradient norm at ``v``."""
+  return _projected_gradient_norm(v, quadratic @ v + linear)
 
 
 class _PolishState(NamedTuple):
@@ -117,7 +121,8 @@ def _polish(quadratic, linear, v, tol, converged, max_steps, exact=True):
   # unlike v > 0, this leaves out the many entries a first-order iterate has
   # not yet brought down to exactly 0, which the method would otherwise drop
   # one solve at a time.
-  free = v - (quadratic @ v + linear) > 0
+  gradient = quadratic @ v + linear
+  free = v - gradient > 0
   init = _PolishState(
     jnp.array(0, jnp.int32),
     jnp.where(free, v, 0.0),
@@ -125,7 +130,7 @@ def _polish(quadratic, linear, v, tol, converged, max_steps, exact=True):
     jnp.zeros_like(v, dtype=bool),
     converged,
     v,
-    _kkt_residual(quadratic, linear, v),
+    _projected_gradient_norm(v, gradient),
   )
   final = jax.lax.while_loop(cond_fn, body_fn, manual_axes.varying_like(init, quadratic, linear))
   return final.best, final.done
@@ -146,9 +151,12 @@ def nonnegative_quadratic_minimizer(
   larger and slows the iteration down by up to :math:`\sqrt T`), then,
   where it has not met the tolerance, an exact solve on the optimal free set
   (Lawson and Hanson's active-set method, started from the identified one),
-  kept when it is at least as optimal or within the tolerance. For small T
-  (``max_iters >= 16 T``) a first, shorter round of both comes before: 4 T
-  accelerated steps and at most ``max_iters // (16 T)`` active-set steps.
+  kept when it is at least as optimal or within the tolerance: Cholesky
+  steps, then pseudo-inverse steps, each round capped by its cost
+  (``max_iters // (4 T)`` and ``3 max_iters // (4 T)`` steps, at least 2, at
+  most 3 T). For small T (``max_iters >= 16 T``) a first, shorter round of
+  both comes before: 4 T accelerated steps and at most ``max_iters // (16 T)``
+  Cholesky active-set steps.
   Stops when the projected-gradient residual
   :math:`\|v - \max(v - (Kv + b), 0)\|_\infty` is at most ``tol`` times the
   largest diagonal entry of :math:`K`, or after ``max_iters`` steps.
@@ -181,7 +189,7 @@ def nonnegative_quadratic_minimizer(
     return accelerated.accelerated_descent(
       trial,
       evaluate,
-      lambda v, evaluation: jnp.max(jnp.abs(v - jnp.maximum(v - evaluation[1], 0.0))),
+      lambda v, evaluation: _projected_gradient_norm(v, evaluation[1]),
       start,
       tol,
       num_iters,
