@@ -803,12 +803,17 @@ def main(argv=None):
   from benchmarks import many_tasks
 
   results["many_tasks"] = many_tasks.run(mode)
+  from benchmarks import precision
+
+  results["precision"] = precision.run("tiny" if mode == "tiny" else "quick")
   table = (
     markdown(results)
     + "\n"
     + engines.markdown(results["engines"], results["engine_budget"])
     + "\n"
     + many_tasks.markdown(results["many_tasks"])
+    + "\n"
+    + precision.markdown(results["precision"])
   )
   print(table)
   args.out.mkdir(parents=True, exist_ok=True)

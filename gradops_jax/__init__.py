@@ -31,6 +31,7 @@ from gradops_jax._src.partition import aggregate_shared
 from gradops_jax._src.passes import combine
 from gradops_jax._src.passes import leaf_gram
 from gradops_jax._src.passes import task_gram
+from gradops_jax._src.passes import task_gram_float32
 from gradops_jax._src.solvers.accelerated import SolverInfo
 from gradops_jax._src.solvers.simplex import project_onto_simplex
 from gradops_jax._src.task_gradients import nnx_value_and_task_grads
@@ -73,6 +74,7 @@ __all__ = (
   "scale_by_pcgrad",
   "scale_by_upgrad",
   "task_gram",
+  "task_gram_float32",
   "task_multi_steps",
   "value_and_aggregated_grad",
   "value_and_task_grads",

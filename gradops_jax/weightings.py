@@ -63,7 +63,7 @@ def gradvac(
 ) -> tuple[Float[Array, " T"], Float[Array, "T T"]]:
   """GradVac's β and new cosine targets for a given order (:func:`gradops_jax.scale_by_gradvac`)."""
   if zero_rtol is None:
-    zero_rtol = tolerances.default_rank_rtol(gram.shape[0])
+    zero_rtol = tolerances.default_rank_rtol(gram.shape[0], gram_dtype=gram.dtype)
   return _gradvac.gradvac_weights(gram, order, targets, beta, zero_rtol)
 
 
@@ -80,7 +80,7 @@ def cagrad(
   max_iters: int = 5000,
 ) -> Float[Array, " T"]:
   """CAGrad's β (:func:`gradops_jax.scale_by_cagrad`)."""
-  zero_rtol = tolerances.gram_rank_rtol(gram.shape[0])
+  zero_rtol = tolerances.gram_rank_rtol(gram.shape[0], gram.dtype)
   return _cagrad.cagrad_weights(gram, c, rescale, tol, max_iters, zero_rtol)[0]
 
 
@@ -93,7 +93,7 @@ def conicgrad(
 ) -> Float[Array, " T"]:
   """ConicGrad's β (:func:`gradops_jax.scale_by_conicgrad`)."""
   if zero_rtol is None:
-    zero_rtol = tolerances.default_rank_rtol(gram.shape[0])
+    zero_rtol = tolerances.default_rank_rtol(gram.shape[0], gram_dtype=gram.dtype)
   return _conicgrad.conicgrad_weights(gram, c, tol, max_iters, zero_rtol)[0]
 
 

@@ -26,6 +26,7 @@ if os.environ.get("GRADOPS_JAX_TEST_OPTIMIZED") != "1":
 
 import jax
 from hypothesis import HealthCheck
+import pytest
 from hypothesis import settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -43,10 +44,35 @@ settings.register_profile("thorough", max_examples=10_000, print_blob=True, **_C
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+# Every XLA:CPU executable holds memory maps, and a process may hold 65,530 (vm.max_map_count):
+# a worker that has compiled a few thousand programs fails its next mmap, inside a compile, and
+# crashes. So every 25 tests a worker with more than 40,000 maps drops its compiled programs
+# (the persistent cache above makes compiling them again cheap).
+_MAX_MAPS = 40_000
+_tests_run = [0]
+
+
+def _memory_maps() -> int:
+  try:
+    with open("/proc/self/maps", "rb") as maps:
+      return sum(1 for _ in maps)
+  except OSError:  # not Linux
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_executables():
+  yield
+  _tests_run[0] += 1
+  if _tests_run[0] % 25 == 0 and _memory_maps() > _MAX_MAPS:
+    from tests import jitting
+
+    jitting.clear()
+    jax.clear_caches()
+
+
 def pytest_collection_modifyitems(config, items):
   """Skips ``slow`` tests unless they are selected with ``-m``."""
-  import pytest
-
   if config.getoption("-m"):
     return
   skip = pytest.mark.skip(reason="long run: select it with `pytest -m slow`")

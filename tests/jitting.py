@@ -27,3 +27,8 @@ def update(factory, task_grads, **hyperparameters):
   names = tuple(sorted(hyperparameters))
   values = tuple(jnp.asarray(hyperparameters[name]) for name in names)
   return _compiled(factory, num_tasks, names)(task_grads, values)
+
+
+def clear():
+  """Drops the compiled programs (``tests/conftest.py`` frees a worker's memory maps with it)."""
+  _compiled.cache_clear()

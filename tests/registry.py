@@ -52,7 +52,7 @@ class MethodSpec:
 SPECS = (
   MethodSpec(
     "gradops",
-    lambda t: gradops_jax.scale_by_gradops(t),
+    lambda t, **kw: gradops_jax.scale_by_gradops(t, **kw),
     gradops_jax.scale_by_gradops,
     guarantee="no_conflict",
     reference="gradops_reference",
@@ -60,7 +60,7 @@ SPECS = (
   ),
   MethodSpec(
     "gradops_alpha-2",
-    lambda t: gradops_jax.scale_by_gradops(t, alpha=-2.0),
+    lambda t, **kw: gradops_jax.scale_by_gradops(t, alpha=-2.0, **kw),
     gradops_jax.scale_by_gradops,
     guarantee="no_conflict",
     reference="gradops_reference",

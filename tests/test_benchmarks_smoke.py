@@ -23,3 +23,5 @@ def test_benchmark_entry_point_tiny(tmp_path, capsys):
   assert set(results["engine_budget"]["largest"]) <= {"summed", "stacked", "gramian"}
   assert "Many tasks: update time" in out and "Many tasks: the Gram pass" in out
   assert {(row["method"], row["T"]) for row in results["many_tasks"]["solves"]} >= {("UPGrad", 16), ("GradOPS", 16)}
+  assert "float32 mode over float64 mode" in out
+  assert {(row["method"], row["family"]) for row in results["precision"]["accuracy"]} >= {("GradOPS", "conflicting")}

@@ -15,11 +15,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from gradops_jax._src import forward_only
 from gradops_jax._src import passes
+from gradops_jax._src import precision as precision_lib
 from gradops_jax._src import tolerances
 from gradops_jax._src import validation
 from gradops_jax._src.solvers.accelerated import SolverInfo
@@ -44,14 +43,6 @@ def _cast_like(new: jax.Array, old: jax.Array) -> jax.Array:
   return new.astype(old.dtype)
 
 
-def _is_array(leaf: Any) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
-
-
-def _holds_tracer(tree: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
-
-
 def compiled_when_eager(update: Callable[..., Any], closes_over: Any = ()) -> Callable[..., Any]:
   """``update``, run through one cached :func:`jax.jit` when called outside any trace.
 
@@ -66,65 +57,15 @@ def compiled_when_eager(update: Callable[..., Any], closes_over: Any = ()) -> Ca
 
   def update_fn(task_grads, state, params=None):
     leaves = jax.tree.leaves((task_grads, state, params))
-    if leaves and all(_is_array(leaf) for leaf in leaves) and not _holds_tracer((leaves, closes_over)):
+    if (
+      leaves
+      and all(precision_lib.is_array(leaf) for leaf in leaves)
+      and not precision_lib.holds_tracer((leaves, closes_over))
+    ):
       return compiled(task_grads, state, params)
     return update(task_grads, state, params)
 
   return update_fn
-
-
-def in_float64(fn: Callable[..., Any], closes_over: Any = (), reverse_mode: bool = True) -> Callable[..., Any]:
-  """``fn`` run inside ``jax.enable_x64(True)``, also when a ``vmap`` or a JVP reaches it later.
-
-  ``jax.vmap`` around a ``lax.scan`` (or ``while_loop``, ``fori_loop``,
-  ``lax.map``) does not call the loop body again: it batches the body's
-  already traced program, outside the local x64 scope, where the float64
-  constants of the solvers no longer type-check. So ``fn`` is a
-  :func:`jax.custom_batching.custom_vmap` whose batching rule traces it afresh
-  inside the scope, and a :func:`jax.custom_jvp` whose rule differentiates it
-  inside the scope (JAX would otherwise trace the JVP rules of the passes
-  lazily, after the scope has closed).
-
-  A ``custom_vmap`` function may not close over traced values, so ``fn`` runs
-  as it is (inside the scope, but re-batched like any traced program) when
-  ``closes_over`` (the values ``fn`` reads besides its arguments, such as
-  hyperparameters) holds a tracer, or when the arguments are not all arrays
-  (the Gramian engine's leaves).
-
-  With ``reverse_mode=False``, reverse-mode differentiation raises a
-  :class:`TypeError` that names forward mode
-  (:func:`gradops_jax._src.forward_only.guard_tangents`) instead of failing
-  inside JAX; forward mode is unchanged.
-  """
-
-  def scoped(*args):
-    with jax.enable_x64(True):
-      return fn(*args)
-
-  batchable = jax.custom_batching.custom_vmap(scoped)
-
-  @batchable.def_vmap
-  def batched(axis_size, in_batched, *args):
-    del axis_size
-    in_axes = jax.tree.map(lambda is_batched: 0 if is_batched else None, tuple(in_batched))
-    out = jax.vmap(scoped, in_axes=in_axes)(*args)
-    return out, jax.tree.map(lambda _: True, out)
-
-  differentiable = jax.custom_jvp(batchable)
-
-  @differentiable.defjvp
-  def jvp(primals, tangents):
-    with jax.enable_x64(True):
-      out, out_tangents = jax.jvp(scoped, primals, tangents)
-    if not reverse_mode:
-      out_tangents = forward_only.guard_tangents(out_tangents, "a gradops_jax aggregator")
-    return out, out_tangents
-
-  def run(*args):
-    arrays = all(_is_array(leaf) for leaf in jax.tree.leaves(args))
-    return differentiable(*args) if arrays and not _holds_tracer(closes_over) else scoped(*args)
-
-  return run
 
 
 def gram_aggregator(
@@ -132,6 +73,7 @@ def gram_aggregator(
   init_state: Callable[[], NamedTuple],
   solve: SolveFn,
   hyperparameters: Optional[dict] = None,
+  precision: str = "auto",
 ) -> optax.GradientTransformation:
   """Builds an aggregation transform from a Gram-matrix solve.
 
@@ -139,16 +81,22 @@ def gram_aggregator(
     num_tasks: T (validated, static).
     init_state: returns the method's initial state (a NamedTuple of arrays).
     solve: ``solve(gram, state, input_dtype) -> (weights, new_state)``,
-      called inside ``jax.enable_x64(True)`` with the float64 Gram matrix;
-      ``input_dtype`` is the least precise gradient dtype (for tolerances).
-      The new state is cast back to the dtypes of the initial state.
+      called with the float64 Gram matrix inside ``jax.enable_x64(True)``, or
+      in the float32 mode with the float32 Gram matrix of the tasks scaled by
+      one power of two (every method is positively homogeneous of degree
+      one, so its weights do not change); ``input_dtype`` is the least
+      precise gradient dtype (for tolerances). The new state is cast back to
+      the dtypes of the initial state.
     hyperparameters: ``{name: (value, validation.Range)}``, checked here.
+    precision: ``"auto"``, ``"float64"`` or ``"float32"``
+      (:mod:`gradops_jax._src.precision`).
 
   Returns:
     An :class:`optax.GradientTransformation` taking stacked per-task gradients.
   """
   num_tasks = validation.check_num_tasks(num_tasks)
   validation.check_hyperparameters(hyperparameters or {})
+  precision = precision_lib.check_precision(precision)
 
   def init_fn(params):
     validation.check_params(params)
@@ -162,13 +110,21 @@ def gram_aggregator(
       return task_grads, state
     input_dtype = tolerances.least_precise_dtype(task_grads)
 
-    def reduce_solve_combine(task_grads, state):
-      gram = passes.task_gram(task_grads, num_tasks)
-      weights, new_state = solve(gram, state, input_dtype)
-      updates = passes.combine(task_grads, tolerances.without_rounding_noise(gram, weights, input_dtype))
-      return updates, jax.tree.map(_cast_like, new_state, state)
+    dtypes = passes.accumulation_dtypes(task_grads)
 
-    return in_float64(reduce_solve_combine, hyperparameters, reverse_mode=False)(task_grads, state)
+    def reduce_and_solve(float64, task_grads, state):
+      if float64:
+        gram = passes.task_gram(task_grads, num_tasks)
+      else:
+        gram = passes.task_gram_float32(task_grads, num_tasks)
+      weights, new_state = solve(gram, state, input_dtype)
+      weights = tolerances.without_rounding_noise(gram, weights, input_dtype)
+      return passes.weight_factors(weights, dtypes), jax.tree.map(_cast_like, new_state, state)
+
+    factors, new_state = precision_lib.run(
+      precision, reduce_and_solve, (task_grads, state), hyperparameters, reverse_mode=False
+    )
+    return passes.combine_factors(task_grads, factors), new_state
 
   return optax.GradientTransformation(init_fn, compiled_when_eager(update_fn, hyperparameters))
 
@@ -198,7 +154,7 @@ def init_weights_state(num_tasks: int) -> WeightsState:
 
 
 def stateless_aggregator(
-  num_tasks: int, weighting: WeightingFn, hyperparameters: Optional[dict] = None
+  num_tasks: int, weighting: WeightingFn, hyperparameters: Optional[dict] = None, precision: str = "auto"
 ) -> optax.GradientTransformation:
   """Builds a transform with a :class:`WeightsState` from ``weighting(gram, input_dtype)``.
 
@@ -207,6 +163,7 @@ def stateless_aggregator(
     weighting: maps the float64 Gram matrix (and the least precise gradient
       dtype) to the ``(T,)`` weights of the update and a solver info.
     hyperparameters: ``{name: (value, validation.Range)}``, checked at once.
+    precision: as for :func:`gram_aggregator`.
 
   Returns:
     An :class:`optax.GradientTransformation` with a :class:`WeightsState`.
@@ -217,4 +174,4 @@ def stateless_aggregator(
     weights, info = weighting(gram, input_dtype)
     return weights, WeightsState(weights, info.converged, info.num_steps)
 
-  return gram_aggregator(num_tasks, lambda: init_weights_state(num_tasks), solve, hyperparameters)
+  return gram_aggregator(num_tasks, lambda: init_weights_state(num_tasks), solve, hyperparameters, precision)

@@ -26,37 +26,42 @@ from gradops_jax._src.task_gradients import losses_and_vjp
 from gradops_jax._src.task_gradients import nnx_pure_losses
 
 
-def _rescale(leaf: jax.Array, scale: jax.Array) -> jax.Array:
-  """``leaf * scale`` for a float64 power of two ``scale``, in float32 or the leaf's dtype if wider."""
+def _times_power_of_two(leaf: jax.Array, exponent: jax.Array) -> jax.Array:
+  """``leaf * 2**exponent``, exactly, in float32 or the leaf's dtype if wider (two factors, each in range)."""
   accumulation_dtype = leaf.dtype if jnp.finfo(leaf.dtype).bits > 32 else jnp.dtype(jnp.float32)
-  factor_a, factor_b = passes.split_into_two_factors(scale, accumulation_dtype)
-  return ((leaf.astype(accumulation_dtype) * factor_a) * factor_b).astype(leaf.dtype)
+  one = jnp.ones((), accumulation_dtype)
+  half = exponent // 2
+  return ((leaf.astype(accumulation_dtype) * jnp.ldexp(one, half)) * jnp.ldexp(one, exponent - half)).astype(leaf.dtype)
 
 
 # The cotangent's largest weight stays within 2**±64 (see _weighted_vjp).
 _COTANGENT_EXPONENT = 64
 
 
-def _weighted_vjp(vjp_fn: Callable[..., Any], weights: jax.Array, cotangent_dtype: Any, single: bool) -> list:
+def _weighted_vjp(vjp_fn: Callable[..., Any], factors: tuple, cotangent_dtype: Any, single: bool) -> list:
   r"""Leaves of :math:`\sum_k \beta_k g_k` as one VJP with cotangent :math:`\beta / s`.
 
-  Each term :math:`\beta_k \nabla L_k` of the backward pass has the scale of
-  its contribution to the update, so the weights go in as they are
-  (:math:`s = 1`) unless their largest leaves :math:`2^{\pm 64}`; then
-  :math:`s` is the power of two that brings it back to that bound, and the
-  result is multiplied by :math:`s`, exactly. Scaling by the largest weight
-  instead would push the weights of tasks 1e20 apart in scale into float32's
-  subnormal range, where they lose their digits.
+  The weights come as the combine's factors, :math:`\beta_k = a_k b_k` with
+  :math:`a_k` a power of two (:func:`gradops_jax._src.passes.weight_factors`),
+  in the dtype the aggregator solved in. Each term :math:`\beta_k \nabla L_k`
+  of the backward pass has the scale of its contribution to the update, so
+  the weights go in as they are (:math:`s = 1`) unless their largest leaves
+  :math:`2^{\pm 64}`; then :math:`s` is the power of two that brings it back
+  to that bound, and the result is multiplied by :math:`s`, exactly. Scaling
+  by the largest weight instead would push the weights of tasks 1e20 apart in
+  scale into float32's subnormal range, where they lose their digits.
   """
-  with jax.enable_x64(True):
-    weights = jnp.asarray(weights, jnp.float64)
-    _, exponent = jnp.frexp(jnp.max(jnp.abs(weights)))
-    shift = exponent - jnp.clip(exponent, -_COTANGENT_EXPONENT, _COTANGENT_EXPONENT)
-    scale = jnp.ldexp(jnp.ones((), jnp.float64), shift)
-    cotangent = (weights / scale).astype(cotangent_dtype)
-    grads = vjp_fn(cotangent)
-    grads = grads[0] if single else grads
-    return [_rescale(leaf, scale) for leaf in jax.tree.leaves(grads)]
+  power_of_two, rest = factors
+  half = jnp.frexp(power_of_two)[1] - 1
+  exponents = half + jnp.frexp(rest)[1]
+  nonzero = rest != 0
+  exponent = jnp.max(jnp.where(nonzero, exponents, jnp.iinfo(jnp.int32).min))
+  exponent = jnp.where(jnp.any(nonzero), exponent, 0)
+  shift = exponent - jnp.clip(exponent, -_COTANGENT_EXPONENT, _COTANGENT_EXPONENT)
+  cotangent = jnp.ldexp(rest, half - shift).astype(cotangent_dtype)
+  grads = vjp_fn(cotangent)
+  grads = grads[0] if single else grads
+  return [_times_power_of_two(leaf, shift) for leaf in jax.tree.leaves(grads)]
 
 
 def _resolve(pending_tree: Any, vjp_fn: Callable[..., Any], cotangent_dtype: Any, single: bool) -> Any:
@@ -72,9 +77,9 @@ def _resolve(pending_tree: Any, vjp_fn: Callable[..., Any], cotangent_dtype: Any
         "that reduce the task gradients to their Gram matrix and combine them once; chain "
         "the optimiser after the engine, not inside the aggregator."
       )
-    if id(leaf.weights) not in grads_by_weights:
-      grads_by_weights[id(leaf.weights)] = _weighted_vjp(vjp_fn, leaf.weights, cotangent_dtype, single)
-  return jax.tree.unflatten(treedef, [grads_by_weights[id(leaf.weights)][leaf.index] for leaf in pending])
+    if id(leaf.factors[0]) not in grads_by_weights:
+      grads_by_weights[id(leaf.factors[0])] = _weighted_vjp(vjp_fn, leaf.factors, cotangent_dtype, single)
+  return jax.tree.unflatten(treedef, [grads_by_weights[id(leaf.factors[0])][leaf.index] for leaf in pending])
 
 
 def value_and_aggregated_grad(

@@ -165,8 +165,9 @@ def aggregate_shared(
   inner = optax.partition(
     {
       SHARED: aggregator,
-      # The task-specific part: each leaf's sum over its task axis (its own task's gradient).
-      TASK_SPECIFIC: scale_by_linear_scalarization(num_tasks, [1.0] * num_tasks),
+      # The task-specific part: each leaf's sum over its task axis (its own task's gradient); weights
+      # of one are exact in float32, so no float64 enters the program whatever the aggregator's mode.
+      TASK_SPECIFIC: scale_by_linear_scalarization(num_tasks, [1.0] * num_tasks, precision="float32"),
     },
     labels,
   )

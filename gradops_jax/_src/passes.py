@@ -79,8 +79,8 @@ class PendingCombination(_EngineOnly):
   aggregator's tree operations (:func:`optax.partition` merges its parts).
   """
 
-  def __init__(self, weights: jax.Array, index: int, shape: tuple, dtype: Any):
-    self.weights = weights
+  def __init__(self, factors: tuple, index: int, shape: tuple, dtype: Any):
+    self.factors = factors
     self.index = index
     self.shape = shape
     self.dtype = dtype
@@ -253,6 +253,136 @@ def task_gram(task_grads: Any, num_tasks: int, implementation: str = "auto") -> 
   return gram
 
 
+def _two_sum(total: jax.Array, term: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``total + term`` rounded, and its rounding error exactly (Knuth's TwoSum, any order of magnitudes)."""
+  rounded = total + term
+  term_part = rounded - total
+  error = (total - (rounded - term_part)) + (term - term_part)
+  return rounded, error
+
+
+def _add_compensated(pair: tuple[jax.Array, jax.Array], term: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Adds ``term`` to the double-float32 sum ``(high, low)``, keeping the rounding error in ``low``."""
+  high, low = pair
+  high, error = _two_sum(high, term)
+  return high, low + error
+
+
+def _rows_of(leaf: Any) -> jax.Array:
+  return leaf.rows if isinstance(leaf, JacobianRows) else jnp.asarray(leaf)
+
+
+def task_exponents(task_grads: Any, num_tasks: int) -> jax.Array:
+  """``(T,)`` int32 exponents :math:`e_i` with :math:`\\max |g_i| \\in [2^{e_i - 1}, 2^{e_i})` (0 for a zero task)."""
+  largest = jnp.zeros((num_tasks,), jnp.float32)
+  for leaf in jax.tree.leaves(task_grads):
+    rows = _rows_of(leaf)
+    axes = tuple(range(1, rows.ndim))
+    largest = jnp.maximum(largest, jnp.max(jnp.abs(rows), axis=axes).astype(jnp.float32))
+  return jnp.frexp(largest)[1]
+
+
+def _scaled_leaf_gram_float32(leaf: jax.Array, scales: jax.Array, implementation: str) -> tuple[jax.Array, jax.Array]:
+  r"""Double-float32 Gram matrix ``(high, low)`` of a ``(T, ...)`` leaf with task ``i`` scaled by ``scales[i]``.
+
+  The scales are powers of two that bring every task's largest entry to
+  :math:`[1/2, 1)`, so no product overflows or underflows whatever the
+  task's scale. On one device the rows are reduced block by block as in
+  :func:`_scanned_gram`, each block by one float32 matrix product and added
+  to the running sum with TwoSum, so that the error is that of one block's
+  product, not of a length-D float32 sum; a leaf that may be sharded takes
+  one float32 contraction, which XLA's partitioner splits where it lies.
+  """
+  rows = leaf.astype(jnp.float32)
+
+  def block_gram(block):
+    scaled = block * scales.reshape((-1,) + (1,) * (block.ndim - 1))
+    axes = tuple(range(1, block.ndim))
+    replicated = jax.sharding.PartitionSpec() if _has_explicit_sharding(leaf) else None
+    return jax.lax.dot_general(
+      scaled, scaled, ((axes, axes), ((), ())), precision=jax.lax.Precision.HIGHEST, out_sharding=replicated
+    )
+
+  num_tasks = leaf.shape[0]
+  zeros = manual_axes.varying_like(jnp.zeros((num_tasks, num_tasks), jnp.float32), rows)
+  if implementation == "auto":
+    implementation = "partitionable" if _may_be_sharded(leaf) else "scan"
+  if implementation == "partitionable":
+    return block_gram(rows), zeros
+  rows = jnp.reshape(rows, (num_tasks, -1))
+  block = _block_size(num_tasks)
+  num_blocks = rows.shape[1] // block
+  if num_blocks < 2:
+    return block_gram(rows), zeros
+
+  def accumulate(pair, index):
+    return _add_compensated(pair, block_gram(jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1))), None
+
+  pair, _ = jax.lax.scan(accumulate, (zeros, zeros), jnp.arange(num_blocks))
+  if rows.shape[1] > num_blocks * block:
+    pair = _add_compensated(pair, block_gram(rows[:, num_blocks * block :]))
+  return pair
+
+
+def task_gram_float32(task_grads: Any, num_tasks: int, implementation: str = "auto") -> jax.Array:
+  r"""The Gram matrix of the task gradients scaled by one power of two, in float32 arithmetic only.
+
+  .. math::
+
+    \hat K = 2^{-2c} K, \qquad
+    K_{ij} = 2^{e_i + e_j} \sum_\ell \langle 2^{-e_i} g_i^{(\ell)}, 2^{-e_j} g_j^{(\ell)} \rangle,
+
+  with :math:`e_i` the exponent of task :math:`i`'s largest entry
+  (:func:`task_exponents`) and :math:`c` that of the largest norm, so
+  :math:`\hat K` has diagonal at most 1 and the aggregators' weights, which
+  do not change when every task is scaled by one factor, are those of
+  :math:`K`. The sums over each task's scaled entries are double-float32
+  (TwoSum over blocks and leaves), so each entry is within a few float32
+  roundings of :math:`2^{-2c} K_{ij}` relative to :math:`\|g_i\| \|g_j\|`.
+  A task whose norm is below about :math:`2^{-63}` of the largest (1e-19)
+  has subnormal entries in :math:`\hat K`, which XLA flushes to zero: it
+  counts as a zero task. Accuracy and cost: ``docs/precision.md``.
+
+  Args:
+    task_grads: pytree whose every leaf has shape ``(num_tasks, ...)``.
+    num_tasks: T.
+    implementation: ``"auto"``, ``"scan"`` or ``"partitionable"``
+      (``"kernel"`` means ``"scan"``: the C++ kernel is float64).
+
+  Returns:
+    The ``(T, T)`` float32 matrix :math:`\hat K`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gradops_jax import task_gram_float32
+    >>> grads = {'w': jnp.array([[3e20, 4e20], [0.0, 1e20]])}  # |g_1|^2 = 2.5e41: beyond float32
+    >>> print(task_gram_float32(grads, num_tasks=2))  # K / 2**138: the weights of K
+    [[0.71746486 0.11479437]
+     [0.11479437 0.02869859]]
+  """
+  _check_implementation(implementation, GRAM_IMPLEMENTATIONS)
+  if implementation == "kernel":
+    implementation = "scan"
+  exponents = task_exponents(task_grads, num_tasks)
+  scales = jnp.ldexp(jnp.ones((num_tasks,), jnp.float32), -exponents)
+  zeros = jnp.zeros((num_tasks, num_tasks), jnp.float32)
+  high, low = zeros, zeros
+  for leaf in jax.tree.leaves(task_grads):
+    leaf_high, leaf_low = _scaled_leaf_gram_float32(_rows_of(leaf), scales, implementation)
+    high, low = _add_compensated((high, low), leaf_high)
+    low = low + leaf_low
+  scaled = high + low
+  norm_exponents = exponents + jnp.frexp(jnp.sqrt(jnp.maximum(jnp.diagonal(scaled), 0.0)))[1]
+  active = jnp.diagonal(scaled) > 0
+  largest = jnp.max(jnp.where(active, norm_exponents, jnp.iinfo(jnp.int32).min))
+  largest = jnp.where(jnp.any(active), largest, 0)
+  shifts = exponents - largest
+  scaled = jnp.ldexp(scaled, shifts[:, None] + shifts[None, :])
+  # A task whose squared norm underflowed is a zero task: no products with the others either.
+  kept = jnp.diagonal(scaled) > 0
+  return jnp.where(kept[:, None] & kept[None, :], scaled, 0.0)
+
+
 def split_into_two_factors(coefficients: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   """Splits float64 coefficients ``c`` into ``a * b`` with a power of two ``a``.
 
@@ -276,6 +406,47 @@ def _combine_in_xla(rows: jax.Array, scale_a: jax.Array, scale_b: jax.Array) -> 
 
   combined = jax.lax.fori_loop(1, rows.shape[0], lambda task, total: total + term(task), term(0), unroll=8)
   return combined.astype(rows.dtype)
+
+
+def _accumulation_dtype(dtype) -> Any:
+  """float32, or the leaf's dtype where wider (no implicit promotion: strict mode must work)."""
+  return jnp.dtype(dtype) if jnp.finfo(dtype).bits > 32 else jnp.dtype(jnp.float32)
+
+
+def accumulation_dtypes(task_grads: Any) -> tuple:
+  """The names of the dtypes the combine accumulates the leaves of ``task_grads`` in, sorted."""
+  return tuple(sorted({_accumulation_dtype(leaf.dtype).name for leaf in jax.tree.leaves(task_grads)}))
+
+
+def weight_factors(weights: jax.Array, dtypes: tuple) -> dict:
+  """``{dtype name: (a, b)}`` with ``a * b`` the weights, in range for that accumulation dtype.
+
+  The combine reads the weights through these factors only, so the solve
+  may run in another dtype (float64 weights of tasks 1e40 apart in scale
+  exceed float32's range although the update does not) and both modes of
+  :mod:`gradops_jax._src.precision` hand the combine arrays of one type.
+  """
+  return {name: split_into_two_factors(weights, jnp.dtype(name)) for name in dtypes}
+
+
+def combine_factors(task_grads: Any, factors: dict, implementation: str = "auto") -> Any:
+  """:func:`combine` with the weights given as :func:`weight_factors`."""
+  _check_implementation(implementation, COMBINE_IMPLEMENTATIONS)
+
+  def combine_leaf(leaf):
+    scale_a, scale_b = factors[_accumulation_dtype(leaf.dtype).name]
+    if isinstance(leaf, JacobianRows):
+      return PendingCombination((scale_a, scale_b), leaf.index, leaf.shape[1:], leaf.dtype)
+    leaf = jnp.asarray(leaf)
+    chosen = implementation
+    if chosen == "auto":
+      chosen = "xla" if _may_be_sharded(leaf) else "kernel"
+    if chosen == "xla":
+      return _combine_in_xla(leaf, scale_a, scale_b)
+    rows = jnp.reshape(leaf, (leaf.shape[0], -1))
+    return jnp.reshape(kernels.combine(rows, scale_a, scale_b, _combine_in_xla), leaf.shape[1:])
+
+  return jax.tree.map(combine_leaf, task_grads)
 
 
 def combine(task_grads: Any, weights: jax.Array, implementation: str = "auto") -> Any:
@@ -313,21 +484,5 @@ def combine(task_grads: Any, weights: jax.Array, implementation: str = "auto") -
     >>> combine(grads, jnp.array([1.0, 0.5]))['w'].tolist()
     [2.5, 4.0]
   """
-  _check_implementation(implementation, COMBINE_IMPLEMENTATIONS)
-
-  def combine_leaf(leaf):
-    if isinstance(leaf, JacobianRows):
-      return PendingCombination(jnp.asarray(weights), leaf.index, leaf.shape[1:], leaf.dtype)
-    leaf = jnp.asarray(leaf)
-    # float32, or the leaf's dtype where wider (no implicit promotion: strict mode must work).
-    accumulation_dtype = leaf.dtype if jnp.finfo(leaf.dtype).bits > 32 else jnp.dtype(jnp.float32)
-    scale_a, scale_b = split_into_two_factors(jnp.asarray(weights), accumulation_dtype)
-    chosen = implementation
-    if chosen == "auto":
-      chosen = "xla" if _may_be_sharded(leaf) else "kernel"
-    if chosen == "xla":
-      return _combine_in_xla(leaf, scale_a, scale_b)
-    rows = jnp.reshape(leaf, (leaf.shape[0], -1))
-    return jnp.reshape(kernels.combine(rows, scale_a, scale_b, _combine_in_xla), leaf.shape[1:])
-
-  return jax.tree.map(combine_leaf, task_grads)
+  weights = jnp.asarray(weights)
+  return combine_factors(task_grads, weight_factors(weights, accumulation_dtypes(task_grads)), implementation)

@@ -32,17 +32,29 @@ def least_precise_dtype(tree: Any):
   return max(dtypes, key=lambda dtype: jnp.finfo(dtype).eps, default=jnp.float32)
 
 
-def default_rank_rtol(num_tasks: int, dtype: Any = jnp.float32) -> float:
-  r"""Default rank tolerance :math:`10 \sqrt{T}\,\max(\epsilon_{\text{dtype}}, \sqrt{\epsilon_{64}})`.
+def default_rank_rtol(num_tasks: int, dtype: Any = jnp.float32, gram_dtype: Any = GRAM_DTYPE) -> float:
+  r"""Default rank tolerance: what the gradients' dtype and the Gram matrix's dtype resolve.
+
+  .. math::
+
+    \max\big(10 \sqrt{T}\,\epsilon_{\text{dtype}},\ r_{\text{Gram}}\big), \qquad
+    r_{\text{Gram}} = \begin{cases}
+      10 \sqrt{T}\,\sqrt{\epsilon_{64}} & \text{float64 Gram matrix} \\
+      \sqrt{10\, T\, \epsilon_{32}} & \text{float32 Gram matrix}
+    \end{cases}
 
   ``dtype`` is the dtype of the task *gradients* (float32 by default), not of
   the Gram matrix: both GradOPS entry points use it, so the same gradients
   give the same answer through :func:`gradops_jax.scale_by_gradops` and
-  :func:`gradops_jax.gradops_solve`.
+  :func:`gradops_jax.gradops_solve`. With a float32 Gram matrix (the
+  ``"float32"`` precision mode) the floor is the square root of
+  :func:`eigen_resolution`, the smallest eigenvalue of a cosine matrix that a
+  float32 eigensolver resolves (``docs/precision.md``).
 
   Args:
     num_tasks: T.
     dtype: the least precise dtype of the task gradients.
+    gram_dtype: the dtype of the Gram matrix (float64 by default).
 
   Returns:
     The tolerance, a Python float.
@@ -52,18 +64,21 @@ def default_rank_rtol(num_tasks: int, dtype: Any = jnp.float32) -> float:
     >>> round(default_rank_rtol(4), 8)
     2.384e-06
   """
-  resolution = max(float(jnp.finfo(dtype).eps), float(jnp.finfo(GRAM_DTYPE).eps) ** 0.5)
-  return float(10.0 * num_tasks**0.5 * resolution)
+  if jnp.finfo(gram_dtype).bits > 32:
+    floor = 10.0 * num_tasks**0.5 * float(jnp.finfo(gram_dtype).eps) ** 0.5
+  else:
+    floor = eigen_resolution(num_tasks, gram_dtype) ** 0.5
+  return float(max(10.0 * num_tasks**0.5 * float(jnp.finfo(dtype).eps), floor))
 
 
-def input_rank_rtol(num_tasks: int, dtype: Any) -> float:
+def input_rank_rtol(num_tasks: int, dtype: Any, gram_dtype: Any = GRAM_DTYPE) -> float:
   """Relative length below which a combination of the inputs is their rounding."""
-  return default_rank_rtol(num_tasks, dtype)
+  return default_rank_rtol(num_tasks, dtype, gram_dtype)
 
 
-def gram_rank_rtol(num_tasks: int) -> float:
-  """Relative length below which a quantity exact on the float64 Gram matrix is zero."""
-  return default_rank_rtol(num_tasks, GRAM_DTYPE)
+def gram_rank_rtol(num_tasks: int, gram_dtype: Any = GRAM_DTYPE) -> float:
+  """Relative length below which a quantity exact on the Gram matrix is zero."""
+  return default_rank_rtol(num_tasks, gram_dtype, gram_dtype)
 
 
 def eigen_resolution(num_tasks: int, dtype: Any) -> float:
@@ -102,4 +117,6 @@ def without_rounding_noise(gram: jax.Array, weights: jax.Array, input_dtype: Any
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
   size = jnp.sum(jnp.abs(weights) * norms)
   squared_norm = weights @ gram @ weights
-  return jnp.where(squared_norm <= (gamma * size) ** 2, jnp.zeros_like(weights), weights)
+  # The quadratic form's own error: a few of the Gram matrix's roundings per term.
+  resolution = gamma**2 + 2 * (num_tasks + 2) * float(jnp.finfo(gram.dtype).eps)
+  return jnp.where(squared_norm <= resolution * size**2, jnp.zeros_like(weights), weights)

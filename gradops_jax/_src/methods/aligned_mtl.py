@@ -45,7 +45,7 @@ def aligned_mtl_weights(gram: Float[Array, "T T"], rank_rtol: float) -> Float[Ar
   return balance @ jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
 
 
-def scale_by_aligned_mtl(num_tasks: int) -> optax.GradientTransformation:
+def scale_by_aligned_mtl(num_tasks: int, precision: str = "auto") -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with Aligned-MTL.
 
   .. math::
@@ -60,6 +60,9 @@ def scale_by_aligned_mtl(num_tasks: int) -> optax.GradientTransformation:
   Args:
     num_tasks: T.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a
     :class:`~gradops_jax.WeightsState`.
@@ -82,4 +85,5 @@ def scale_by_aligned_mtl(num_tasks: int) -> optax.GradientTransformation:
       aligned_mtl_weights(gram, num_tasks * float(jnp.finfo(input_dtype).eps)),
       accelerated.no_iterations(),
     ),
+    precision=precision,
   )

@@ -88,6 +88,7 @@ def scale_by_cagrad(
   rescale: bool = True,
   tol: float = 1e-10,
   max_iters: int = 5000,
+  precision: str = "auto",
 ) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with CAGrad.
 
@@ -104,6 +105,9 @@ def scale_by_cagrad(
     tol: Frank-Wolfe gap tolerance of the dual.
     max_iters: iteration cap of the dual.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a
     :class:`~gradops_jax.WeightsState`.
@@ -128,10 +132,11 @@ def scale_by_cagrad(
       rescale,
       tol,
       max_iters,
-      tolerances.gram_rank_rtol(num_tasks),
+      tolerances.gram_rank_rtol(num_tasks, gram.dtype),
     ),
     {
       "c": (c, validation.NONNEGATIVE),
       **validation.solver_hyperparameters(tol, max_iters),
     },
+    precision=precision,
   )

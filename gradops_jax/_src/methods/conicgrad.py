@@ -89,7 +89,7 @@ def conicgrad_weights(
 
 
 def scale_by_conicgrad(
-  num_tasks: int, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000
+  num_tasks: int, c: float = 0.5, tol: float = 1e-10, max_iters: int = 5000, precision: str = "auto"
 ) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with ConicGrad.
 
@@ -108,6 +108,9 @@ def scale_by_conicgrad(
     tol: Frank-Wolfe gap tolerance of the dual.
     max_iters: iteration cap of the dual.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a
     :class:`~gradops_jax.WeightsState`.
@@ -127,10 +130,11 @@ def scale_by_conicgrad(
   return base.stateless_aggregator(
     num_tasks,
     lambda gram, input_dtype: conicgrad_weights(
-      gram, c, tol, max_iters, tolerances.input_rank_rtol(num_tasks, input_dtype)
+      gram, c, tol, max_iters, tolerances.input_rank_rtol(num_tasks, input_dtype, gram.dtype)
     ),
     {
       "c": (c, validation.UNIT_INTERVAL),
       **validation.solver_hyperparameters(tol, max_iters),
     },
+    precision=precision,
   )

@@ -29,6 +29,7 @@ from gradops_jax._src import manual_axes
 from gradops_jax._src import tolerances
 from gradops_jax._src import validation
 from gradops_jax._src.solvers import min_norm
+from gradops_jax._src.solvers import nonnegative
 from gradops_jax._src.solvers import accelerated
 from gradops_jax._src.solvers.accelerated import SolverInfo
 
@@ -179,6 +180,33 @@ def _alpha_weights(scores: jax.Array, alpha: Any, rank_rtol: float) -> Float[Arr
   return num_tasks * jax.nn.softmax(exponents)
 
 
+def _onto_dual_cone(cosine: jax.Array, active: jax.Array, unit_weights: jax.Array, rank_rtol: float) -> jax.Array:
+  r"""The update :math:`d = \sum_k a_k u_k` moved onto the dual cone of the tasks when it conflicts.
+
+  A float32 Gram matrix cannot resolve a residual shorter than ``rank_rtol``
+  (``docs/precision.md``), so in the float32 mode a task that is nearly
+  dependent on the others counts as dependent, and the projections are
+  orthogonal to the others' span without that direction: the update can
+  then conflict with a task by up to about ``rank_rtol`` of its length.
+  Where the Gram matrix shows such a conflict (beyond its rounding), the
+  update is replaced by its projection onto
+  :math:`\{x : u_j \cdot x \ge 0\ \forall j\}`,
+  :math:`a + \arg\min_{v \ge 0} \tfrac12 v^\top C v + (C a)^\top v`, the
+  nearest direction that conflicts with no task. Elsewhere it is unchanged.
+  """
+  num_tasks = cosine.shape[0]
+  quadratic = linalg.masked_block(cosine, active)
+  alignment = quadratic @ unit_weights
+  rounding = tolerances.rounding_bound(num_tasks, jnp.abs(quadratic) @ jnp.abs(unit_weights))
+  conflicts = jnp.any(alignment < -rounding)
+
+  def project():
+    shift, _ = nonnegative.nonnegative_quadratic_minimizer(quadratic, alignment)
+    return unit_weights + shift
+
+  return jax.lax.cond(conflicts, project, lambda: unit_weights)
+
+
 def gradops_solve(
   gram: Float[Array, "T T"],
   alpha: Any = 0.0,
@@ -229,7 +257,7 @@ def gradops_solve(
   """
   num_tasks = gram.shape[0]
   if rank_rtol is None:
-    rank_rtol = tolerances.default_rank_rtol(num_tasks, input_dtype)
+    rank_rtol = tolerances.default_rank_rtol(num_tasks, input_dtype, gram.dtype)
   norms, inverse_norms, cosine = linalg.cosine_from_gram(gram)
   active = norms > 0
   off_diagonal = ~jnp.eye(num_tasks, dtype=bool)
@@ -252,8 +280,14 @@ def gradops_solve(
   used_fallback = jnp.all(unit_projection == 0)
 
   scores = (norms @ unit_projection) @ cosine  # R_i = G' . u_i (Eq. 3)
-  alpha_weights = _alpha_weights(scores, alpha, rank_rtol)
-  weights = ((alpha_weights * norms) @ unit_projection) * inverse_norms
+  # A score is a T-term sum of cosines, resolved to the inputs' rounding even where a float32
+  # Gram matrix resolves residuals only to rank_rtol: zero means zero to that rounding.
+  score_rtol = min(rank_rtol, tolerances.default_rank_rtol(num_tasks, input_dtype))
+  alpha_weights = _alpha_weights(scores, alpha, score_rtol)
+  unit_weights = (alpha_weights * norms) @ unit_projection
+  if jnp.finfo(gram.dtype).bits <= 32:
+    unit_weights = _onto_dual_cone(cosine, active, unit_weights, rank_rtol)
+  weights = unit_weights * inverse_norms
 
   mgda_weights, fallback_info = jax.lax.cond(
     used_fallback,
@@ -275,6 +309,7 @@ def scale_by_gradops(
   num_tasks: int,
   alpha: Any = 0.0,
   rank_rtol: Optional[float] = None,
+  precision: str = "auto",
 ) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with GradOPS.
 
@@ -301,6 +336,9 @@ def scale_by_gradops(
     rank_rtol: rank tolerance on unit-normalised gradients; default
       :func:`~gradops_jax.default_rank_rtol` of the least precise gradient dtype.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
     :class:`GradOPSState`.
@@ -352,13 +390,14 @@ def scale_by_gradops(
     "alpha": (alpha, validation.REAL),
     "rank_rtol": (rank_rtol, validation.OPEN_UNIT_INTERVAL),
   }
-  return base.gram_aggregator(num_tasks, init_state, solve, hyperparameters)
+  return base.gram_aggregator(num_tasks, init_state, solve, hyperparameters, precision=precision)
 
 
 def gradops(
   learning_rate: optax.ScalarOrSchedule,
   num_tasks: int,
   alpha: Any = 0.0,
+  precision: str = "auto",
   **adam_kwargs: Any,
 ) -> optax.GradientTransformation:
   r"""GradOPS followed by Adam: the one-liner for stacked per-task gradients.
@@ -371,10 +410,11 @@ def gradops(
     learning_rate: Adam's learning rate or schedule.
     num_tasks: the number of tasks :math:`T`.
     alpha: trade-off exponent of Eq. 5 (see :func:`scale_by_gradops`).
+    precision: as for :func:`scale_by_gradops`.
     **adam_kwargs: forwarded to :func:`optax.adam` (``b1``, ``b2``, ``eps``...).
 
   Returns:
-    ``optax.chain(scale_by_gradops(num_tasks, alpha), optax.adam(...))``.
+    ``optax.chain(scale_by_gradops(num_tasks, alpha, precision=precision), optax.adam(...))``.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -385,4 +425,4 @@ def gradops(
   References:
     Zhu et al., WSDM 2025 (the paper trains with Adam throughout).
   """
-  return optax.chain(scale_by_gradops(num_tasks, alpha), optax.adam(learning_rate, **adam_kwargs))
+  return optax.chain(scale_by_gradops(num_tasks, alpha, precision=precision), optax.adam(learning_rate, **adam_kwargs))

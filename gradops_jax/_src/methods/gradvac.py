@@ -94,7 +94,9 @@ def gradvac_weights(
   return jnp.sum(coefficients, axis=0), new_targets
 
 
-def scale_by_gradvac(num_tasks: int, beta: float = 1e-2, seed: int = 0) -> optax.GradientTransformation:
+def scale_by_gradvac(
+  num_tasks: int, beta: float = 1e-2, seed: int = 0, precision: str = "auto"
+) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with GradVac.
 
   Each task gradient is moved towards every other task until their cosine
@@ -108,6 +110,9 @@ def scale_by_gradvac(num_tasks: int, beta: float = 1e-2, seed: int = 0) -> optax
     beta: EMA rate of the targets, in [0, 1] (the paper uses 1e-2).
     seed: seed of the PRNG key for the random task order.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a :class:`GradVacState`.
 
@@ -134,8 +139,10 @@ def scale_by_gradvac(num_tasks: int, beta: float = 1e-2, seed: int = 0) -> optax
   def solve(gram, state, input_dtype):
     key, order = _surgery.next_task_order(state.key, num_tasks)
     coefficients, targets = gradvac_weights(
-      gram, order, state.targets, beta, tolerances.input_rank_rtol(num_tasks, input_dtype)
+      gram, order, state.targets, beta, tolerances.input_rank_rtol(num_tasks, input_dtype, gram.dtype)
     )
     return coefficients, GradVacState(key=key, targets=targets, weights=coefficients)
 
-  return base.gram_aggregator(num_tasks, init_state, solve, {"beta": (beta, validation.UNIT_INTERVAL)})
+  return base.gram_aggregator(
+    num_tasks, init_state, solve, {"beta": (beta, validation.UNIT_INTERVAL)}, precision=precision
+  )

@@ -45,14 +45,21 @@ def imtl_g_weights(gram: Float[Array, "T T"]) -> Float[Array, " T"]:
   equations = jnp.where(is_equation[:, None], cosine - cosine[reference][None, :], 0.0)
   # Zero gradients: the constraint a_k = 0.
   equations = equations + jnp.diag((~active).astype(gram.dtype))
-  _, eigenvectors = jnp.linalg.eigh(equations.T @ equations)
-  alpha = eigenvectors[:, 0] * inverse_norms
+  if jnp.finfo(gram.dtype).bits > 32:
+    _, eigenvectors = jnp.linalg.eigh(equations.T @ equations)
+    null_vector = eigenvectors[:, 0]
+  else:
+    # float32 cannot afford the squared condition number of the normal matrix: the right
+    # singular vector of the smallest singular value, from an SVD of the equations.
+    null_vector = jnp.linalg.svd(equations)[2][-1]
+  alpha = null_vector * inverse_norms
   total = jnp.sum(alpha)
-  defined = jnp.abs(total) > 1e-12 * jnp.sum(jnp.abs(alpha))
+  cancelled = jnp.maximum(1e-12, 2 * (num_tasks + 2) * jnp.finfo(gram.dtype).eps)
+  defined = jnp.abs(total) > cancelled * jnp.sum(jnp.abs(alpha))
   return jnp.where(defined, alpha / jnp.where(defined, total, 1.0), 0.0)
 
 
-def scale_by_imtl_g(num_tasks: int) -> optax.GradientTransformation:
+def scale_by_imtl_g(num_tasks: int, precision: str = "auto") -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with IMTL-G.
 
   .. math::
@@ -65,6 +72,9 @@ def scale_by_imtl_g(num_tasks: int) -> optax.GradientTransformation:
   Args:
     num_tasks: T.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a
     :class:`~gradops_jax.WeightsState`.
@@ -80,4 +90,6 @@ def scale_by_imtl_g(num_tasks: int) -> optax.GradientTransformation:
     Liu et al., `Towards Impartial Multi-task Learning
     <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021, Sec. 3.2.
   """
-  return base.stateless_aggregator(num_tasks, lambda gram, _: (imtl_g_weights(gram), accelerated.no_iterations()))
+  return base.stateless_aggregator(
+    num_tasks, lambda gram, _: (imtl_g_weights(gram), accelerated.no_iterations()), precision=precision
+  )

@@ -9,11 +9,12 @@ import optax
 
 from gradops_jax._src import base
 from gradops_jax._src import passes
+from gradops_jax._src import precision as precision_lib
 from gradops_jax._src import validation
 
 
 def scale_by_linear_scalarization(
-  num_tasks: int, weights: Optional[Sequence[float]] = None
+  num_tasks: int, weights: Optional[Sequence[float]] = None, precision: str = "auto"
 ) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with fixed weights.
 
@@ -28,6 +29,9 @@ def scale_by_linear_scalarization(
   Args:
     num_tasks: T.
     weights: ``(T,)`` fixed task weights; the mean by default.
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"``: the dtype the weights
+      are split into the combine's factors in (see ``docs/precision.md``).
 
   Returns:
     An :class:`optax.GradientTransformation` with an :class:`optax.EmptyState`.
@@ -51,6 +55,7 @@ def scale_by_linear_scalarization(
   if fixed.shape != (num_tasks,):
     raise ValueError(f"weights must have shape ({num_tasks},), got {fixed.shape}.")
   validation.check_hyperparameter_range("weights", fixed)
+  precision = precision_lib.check_precision(precision)
 
   def init_fn(params):
     validation.check_params(params)
@@ -58,7 +63,11 @@ def scale_by_linear_scalarization(
 
   def update_fn(task_grads, state, params=None):
     validation.check_task_grads(task_grads, num_tasks, params)
-    combined = base.in_float64(lambda grads: passes.combine(grads, jnp.asarray(fixed, jnp.float64)), fixed)
-    return combined(task_grads), state
+    dtypes = passes.accumulation_dtypes(task_grads)
+
+    def factors(float64):
+      return passes.weight_factors(jnp.asarray(fixed, jnp.float64 if float64 else jnp.float32), dtypes)
+
+    return passes.combine_factors(task_grads, precision_lib.run(precision, factors, (), fixed)), state
 
   return optax.GradientTransformation(init_fn, base.compiled_when_eager(update_fn, fixed))

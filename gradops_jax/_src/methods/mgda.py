@@ -7,7 +7,9 @@ from gradops_jax._src import validation
 from gradops_jax._src.solvers import min_norm
 
 
-def scale_by_mgda(num_tasks: int, tol: float = 1e-12, max_iters: int = 2000) -> optax.GradientTransformation:
+def scale_by_mgda(
+  num_tasks: int, tol: float = 1e-12, max_iters: int = 2000, precision: str = "auto"
+) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with MGDA.
 
   .. math::
@@ -25,6 +27,9 @@ def scale_by_mgda(num_tasks: int, tol: float = 1e-12, max_iters: int = 2000) -> 
     tol: relative duality-gap tolerance of the simplex QP.
     max_iters: iteration cap of the simplex QP.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a
     :class:`~gradops_jax.WeightsState`.
@@ -45,4 +50,5 @@ def scale_by_mgda(num_tasks: int, tol: float = 1e-12, max_iters: int = 2000) -> 
     num_tasks,
     lambda gram, _: min_norm.min_norm_simplex_weights(gram, tol, max_iters),
     validation.solver_hyperparameters(tol, max_iters),
+    precision=precision,
   )

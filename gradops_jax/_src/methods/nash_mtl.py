@@ -52,7 +52,9 @@ def nash_mtl_weights(
   num_tasks = gram.shape[0]
   frobenius = jnp.sqrt(jnp.sum(gram**2))
   normalised = gram / jnp.where(frobenius > 0, frobenius, 1.0)
-  quadratic = normalised + RIDGE * jnp.eye(num_tasks, dtype=gram.dtype)
+  # In float32 a ridge of 1e-8 is below the rounding of a unit diagonal: raise it to what the dtype resolves.
+  ridge = max(RIDGE, 4 * float(jnp.finfo(gram.dtype).eps))
+  quadratic = normalised + ridge * jnp.eye(num_tasks, dtype=gram.dtype)
 
   def objective(alpha):
     return 0.5 * alpha @ quadratic @ alpha - jnp.sum(jnp.log(alpha))
@@ -98,7 +100,9 @@ def nash_mtl_weights(
   return jnp.where(frobenius > 0, alpha, 0.0), info
 
 
-def scale_by_nash_mtl(num_tasks: int, tol: float = 1e-12, max_iters: int = 500) -> optax.GradientTransformation:
+def scale_by_nash_mtl(
+  num_tasks: int, tol: float = 1e-12, max_iters: int = 500, precision: str = "auto"
+) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with Nash-MTL.
 
   .. math::
@@ -114,6 +118,9 @@ def scale_by_nash_mtl(num_tasks: int, tol: float = 1e-12, max_iters: int = 500) 
     tol: tolerance on the optimality condition.
     max_iters: cap on Newton steps.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a
     :class:`~gradops_jax.WeightsState`.
@@ -133,4 +140,5 @@ def scale_by_nash_mtl(num_tasks: int, tol: float = 1e-12, max_iters: int = 500) 
     num_tasks,
     lambda gram, _: nash_mtl_weights(gram, tol, max_iters),
     validation.solver_hyperparameters(tol, max_iters),
+    precision=precision,
   )

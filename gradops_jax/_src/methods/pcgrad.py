@@ -56,7 +56,7 @@ def pcgrad_weights(gram: Float[Array, "T T"], order: jax.Array) -> Float[Array, 
   return jnp.sum(_surgery.sequential_surgery(gram, order, step, init_carry), axis=0)
 
 
-def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformation:
+def scale_by_pcgrad(num_tasks: int, seed: int = 0, precision: str = "auto") -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with PCGrad.
 
   .. math::
@@ -73,6 +73,9 @@ def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformati
     num_tasks: T.
     seed: seed of the PRNG key in the initial state.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a :class:`PCGradState`.
 
@@ -101,4 +104,4 @@ def scale_by_pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformati
     coefficients = pcgrad_weights(gram, order)
     return coefficients, PCGradState(key=key, weights=coefficients)
 
-  return base.gram_aggregator(num_tasks, init_state, solve)
+  return base.gram_aggregator(num_tasks, init_state, solve, precision=precision)

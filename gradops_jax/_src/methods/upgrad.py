@@ -53,7 +53,9 @@ def upgrad_weights(
   return weights, accelerated.merge_infos(info)
 
 
-def scale_by_upgrad(num_tasks: int, tol: float = 1e-12, max_iters: int = 2000) -> optax.GradientTransformation:
+def scale_by_upgrad(
+  num_tasks: int, tol: float = 1e-12, max_iters: int = 2000, precision: str = "auto"
+) -> optax.GradientTransformation:
   r"""Aggregates stacked per-task gradients with UPGrad.
 
   .. math::
@@ -69,6 +71,9 @@ def scale_by_upgrad(num_tasks: int, tol: float = 1e-12, max_iters: int = 2000) -
     tol: relative KKT tolerance of the QPs.
     max_iters: iteration cap of the QPs.
 
+    precision: ``"auto"`` (float64 where the platform runs it natively,
+      else float32), ``"float64"`` or ``"float32"`` (no float64 in the
+      compiled program); see ``docs/precision.md``.
   Returns:
     An :class:`optax.GradientTransformation` with a
     :class:`~gradops_jax.WeightsState`.
@@ -88,4 +93,5 @@ def scale_by_upgrad(num_tasks: int, tol: float = 1e-12, max_iters: int = 2000) -
     num_tasks,
     lambda gram, _: upgrad_weights(gram, tol, max_iters),
     validation.solver_hyperparameters(tol, max_iters),
+    precision=precision,
   )

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradops_jax._src import base
 from gradops_jax._src import linalg
 from gradops_jax._src import passes
+from gradops_jax._src import precision as precision_lib
 from gradops_jax._src import validation
 
 
@@ -92,6 +92,7 @@ def layer_conflict_scores(
   num_tasks: int,
   threshold: float = 0.0,
   layer_name: Callable[[tuple], str] = default_layer_name,
+  precision: str = "auto",
 ) -> optax.GradientTransformation:
   r"""Counts, per layer, the task pairs whose gradients conflict (Recon's score).
 
@@ -113,6 +114,8 @@ def layer_conflict_scores(
     layer_name: maps a leaf's key path to its layer's name (default:
       :func:`default_layer_name`); ``jax.tree_util.keystr`` scores every leaf
       on its own.
+    precision: ``"auto"``, ``"float64"`` or ``"float32"``: the arithmetic of
+      the layers' Gram matrices (see ``docs/precision.md``).
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
@@ -138,6 +141,7 @@ def layer_conflict_scores(
   """
   num_tasks = validation.check_num_tasks(num_tasks)
   validation.check_hyperparameter_range("threshold", threshold, -1.0, 1.0)
+  precision = precision_lib.check_precision(precision)
 
   def init_fn(params):
     validation.check_params(params)
@@ -153,16 +157,21 @@ def layer_conflict_scores(
         f"gradients have {sorted(layers)}, the state has {sorted(state.counts)}."
       )
 
-    def count_conflicts(task_grads, counts):
+    def count_conflicts(float64, task_grads, counts):
       pairs = jnp.triu(jnp.ones((num_tasks, num_tasks), bool), k=1)
-      grams = [passes.leaf_gram(leaf) for leaf in jax.tree.leaves(task_grads)]
+      leaves = jax.tree.leaves(task_grads)
+      grams = [passes.leaf_gram(leaf) for leaf in leaves] if float64 else []
       new_counts = {}
       for name, indices in layers.items():
-        _, _, cosine = linalg.cosine_from_gram(sum(grams[index] for index in indices))
+        if float64:
+          gram = sum(grams[index] for index in indices)
+        else:
+          gram = passes.task_gram_float32([leaves[index] for index in indices], num_tasks)
+        _, _, cosine = linalg.cosine_from_gram(gram)
         new_counts[name] = counts[name] + jnp.sum(pairs & (cosine < threshold)).astype(jnp.int32)
       return new_counts
 
-    counts = base.in_float64(count_conflicts, threshold)(task_grads, state.counts)
+    counts = precision_lib.run(precision, count_conflicts, (task_grads, state.counts), threshold)
     return task_grads, LayerConflictState(counts=counts, num_steps=state.num_steps + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
