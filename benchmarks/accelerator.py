@@ -19,9 +19,6 @@ No accelerator has been lent to this project yet: every figure committed
 under ``benchmarks/results/`` is a CPU figure (``benchmarks/README.md``).
 """
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 
@@ -32,11 +29,7 @@ from benchmarks.run import aggregator_step
 from benchmarks.run import cpu_model
 from benchmarks.run import floor_step
 from benchmarks.run import median_times
-from benchmarks.run import mode_parser
 from benchmarks.run import params_like
-
-RESULTS = pathlib.Path(__file__).parent / "results"
-MODES = ("tiny", "quick")
 
 
 def bench_floor_ratio(tasks, dims, repeats, progress=print):
@@ -93,15 +86,7 @@ def markdown(results):
 
 
 def main(argv=None):
-  parser = mode_parser(__doc__, MODES, RESULTS)
-  args = parser.parse_args(argv)
-  mode = args.mode or "quick"
-  results = run(mode, progress=lambda message: print(message, file=sys.stderr, flush=True))
-  text = markdown(results)
-  print(text)
-  if mode != "tiny":
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"accelerator-{results['platform']}-{mode}.md").write_text(text)
+  return precision.command_line(__doc__, run, markdown, lambda results: f"accelerator-{results['platform']}", argv)
 
 
 if __name__ == "__main__":

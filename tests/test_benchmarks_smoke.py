@@ -3,6 +3,8 @@
 import json
 import platform
 
+import jax
+
 import pytest
 
 from benchmarks import run
@@ -25,3 +27,15 @@ def test_benchmark_entry_point_tiny(tmp_path, capsys):
   assert {(row["method"], row["T"]) for row in results["many_tasks"]["solves"]} >= {("UPGrad", 16), ("GradOPS", 16)}
   assert "float32 mode over float64 mode" in out
   assert {(row["method"], row["family"]) for row in results["precision"]["accuracy"]} >= {("GradOPS", "conflicting")}
+
+
+@pytest.mark.slow
+def test_accelerator_entry_point_tiny(capsys):
+  from benchmarks import accelerator
+
+  results = accelerator.main(["--tiny"])
+  out = capsys.readouterr().out
+  assert results["platform"] == jax.devices()[0].platform
+  assert {row["T"] for row in results["floor"]} == {4} and "float32 / floor" in out
+  assert {row["path"] for row in results["precision"]} == {"default", "xla"}
+  assert "Gramian engine vs stacked engine" in out
