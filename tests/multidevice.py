@@ -43,6 +43,8 @@ from tests.registry import SPECS  # noqa: E402
 NUM_TASKS = 3
 SHAPES = {"embed": (96, 64), "kernel": (64, 256), "conv": (3, 3, 16, 32), "bias": (256,), "big": (40000,)}
 RECON = "recon_scores+gradops"
+FLOAT32_METHODS = ("gradops", "upgrad", "mgda")
+BY_NAME = {spec.name: spec for spec in SPECS}
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
 STYLES = {
@@ -101,6 +103,8 @@ def transforms():
   """Every registered method, and Recon's conflict scores chained with GradOPS."""
   chosen = {spec.name: spec.factory(NUM_TASKS) for spec in SPECS}
   chosen[RECON] = optax.chain(recon.layer_conflict_scores(NUM_TASKS), gradops_jax.scale_by_gradops(NUM_TASKS))
+  for name in FLOAT32_METHODS:  # the float32 mode's passes are sharded where the leaves lie too
+    chosen[f"{name}_float32"] = BY_NAME[name].factory(NUM_TASKS, precision="float32")
   return chosen
 
 

@@ -23,7 +23,7 @@ from tests.registry import NAMES
 ROOT = pathlib.Path(__file__).parents[1]
 MOVING = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 STYLES = ("auto_no_mesh", "jit_shardings", "set_mesh", "explicit")
-TRANSFORMS = NAMES + ["recon_scores+gradops"]
+TRANSFORMS = NAMES + ["recon_scores+gradops"] + [f"{name}_float32" for name in ("gradops", "upgrad", "mgda")]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,9 @@ def test_every_method_communicates_only_partial_grams(report, style):
 def test_sharded_update_equals_one_device_and_keeps_sharding(report, style, method):
   run = report["styles"][style]["methods"][method]
   assert run["output_sharded_like_params"]
-  assert run["max_abs_diff"] <= 1e-6 * run["max_abs_update"]
+  # Sharding reorders float32 sums: the float32 mode agrees to its own accuracy (docs/precision.md).
+  rtol = 1e-4 if method.endswith("_float32") else 1e-6
+  assert run["max_abs_diff"] <= rtol * run["max_abs_update"]
 
 
 @pytest.mark.parametrize("method", TRANSFORMS)
