@@ -14,8 +14,8 @@ float64 reading is the literal float64 NumPy reading of ``tests/reference.py``
 where the method has one that the update equals (GradOPS, mean; MGDA and
 UPGrad at T <= 10, whose readings enumerate supports), else the float64
 mode (which the test suite checks against the readings). The error is
-``|d - d_ref|`` over ``|d_ref|``, or over float32's rounding of the largest task, ``eps32 max_i |g_i|``, where that is larger
-(an update of tasks that cancel is rounding noise in either mode).
+``|d - d_ref|`` over ``|d_ref|``, or over float32's rounding of the largest
+task, ``eps32 max_i |g_i|``, where that is larger (an update of tasks that cancel is rounding noise in either mode).
 
 **Speed.** The jitted update in both modes, side by side
 (:func:`benchmarks.run.median_times`), on one ``(T, D)`` float32 leaf: on
