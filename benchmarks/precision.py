@@ -43,7 +43,7 @@ from tests import reference
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 MODES = ("tiny", "quick")
-ONE_MINUS_COSINES = (1e-4, 1e-6)
+ONE_MINUS_COSINES = (1e-3, 1e-4, 1e-6)
 
 
 def _conflicting(rng, num_tasks, dim):
@@ -93,7 +93,10 @@ def _reading(name, grads):
   """The float64 NumPy reading of the update, where the method has one the update equals."""
   num_tasks = grads.shape[0]
   if name == "GradOPS":
-    return reference.gradops_reference(grads, 0.0, gradops_jax.default_rank_rtol(num_tasks))[0]
+    try:
+      return reference.gradops_reference(grads, 0.0, gradops_jax.default_rank_rtol(num_tasks))[0]
+    except ValueError:  # its MGDA fallback fired, whose reading enumerates supports (T <= 10)
+      return None
   if name == "MGDA" and num_tasks <= 10:  # an exhaustive reading over the supports
     return reference.min_norm_point_weights(grads) @ grads
   if name == "UPGrad" and num_tasks <= 10:  # an exhaustive reading over the active sets
@@ -182,6 +185,16 @@ def bench_accuracy(tasks, seeds, methods=None, progress=print):
   return [{"method": name, "family": family, **row} for (name, family), row in worst.items()]
 
 
+def _without_kernels(step):
+  """``step`` called inside :func:`gradops_jax.kernels_disabled` (part of the jit key: every call)."""
+
+  def call(*args):
+    with gradops_jax.kernels_disabled():
+      return step(*args)
+
+  return call
+
+
 def bench_speed(tasks, dims, repeats, progress=print):
   """Update time of both modes side by side, on the default CPU path and on the XLA path."""
   rows = []
@@ -191,17 +204,10 @@ def bench_speed(tasks, dims, repeats, progress=print):
         tree = {"w": jax.random.normal(jax.random.key(0), (num_tasks, dim), jnp.float32)}
         params = params_like(tree)
         for name in ("GradOPS", "UPGrad", "MGDA"):
-          if path == "xla":
-            with gradops_jax.kernels_disabled():
-              calls = {
-                p: (aggregator_step(_transforms(num_tasks, p)[name], params), (tree,)) for p in ("float64", "float32")
-              }
-              for fn, args in calls.values():
-                jax.block_until_ready(fn(*args))  # traced without the kernels
-          else:
-            calls = {
-              p: (aggregator_step(_transforms(num_tasks, p)[name], params), (tree,)) for p in ("float64", "float32")
-            }
+          calls = {}
+          for mode in ("float64", "float32"):
+            step = aggregator_step(_transforms(num_tasks, mode)[name], params)
+            calls[mode] = (_without_kernels(step) if path == "xla" else step, (tree,))
           times = median_times(calls, repeats)
           rows.append(
             {
