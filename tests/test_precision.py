@@ -100,8 +100,8 @@ def test_unknown_precision_is_a_value_error(precision):
     gradops_jax.recon.layer_conflict_scores(3, precision=precision)
 
 
-# Cases whose tasks' cosines are at most 1 - 1e-4 (the accuracy target's domain), and the
-# others: near-duplicates beyond float32's resolution, where only the guarantees are checked.
+# Cases without nearly collinear tasks, and the others: pairs whose cosine float32 holds too
+# coarsely for 1e-4 (docs/precision.md), where only finiteness and the guarantees are checked.
 RESOLVED = [
   "random_T5",
   "conflicting_T8",
