@@ -43,7 +43,7 @@ from tests.registry import SPECS  # noqa: E402
 NUM_TASKS = 3
 SHAPES = {"embed": (96, 64), "kernel": (64, 256), "conv": (3, 3, 16, 32), "bias": (256,), "big": (40000,)}
 RECON = "recon_scores+gradops"
-FLOAT32_METHODS = ("gradops", "upgrad", "mgda")
+FLOAT32_METHODS = ("gradops", "mgda")
 BY_NAME = {spec.name: spec for spec in SPECS}
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}

@@ -23,7 +23,7 @@ from tests.registry import NAMES
 ROOT = pathlib.Path(__file__).parents[1]
 MOVING = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 STYLES = ("auto_no_mesh", "jit_shardings", "set_mesh", "explicit")
-TRANSFORMS = NAMES + ["recon_scores+gradops"] + [f"{name}_float32" for name in ("gradops", "upgrad", "mgda")]
+TRANSFORMS = NAMES + ["recon_scores+gradops"] + [f"{name}_float32" for name in ("gradops", "mgda")]
 
 
 @pytest.fixture(scope="module")

@@ -102,14 +102,13 @@ def test_unknown_precision_is_a_value_error(precision):
 
 # Cases without nearly collinear tasks, and the others: pairs whose cosine float32 holds too
 # coarsely for 1e-4 (docs/precision.md), where only finiteness and the guarantees are checked.
+# T in {3, 4, 5, 8} only: one program per (method, T), so each T added costs 12 compiles.
 RESOLVED = [
   "random_T5",
   "conflicting_T8",
-  "conflicting_T32",
   "zero_task",
   "all_zero",
   "exactly_opposite_plus_others",
-  "opposite_unequal_T2",
   "three_way_cancel",
   "fallback_nonzero_mgda",
   "mixed_scales_1e-20_1e20",
@@ -118,9 +117,21 @@ RESOLVED = [
   "one_task_1e10_larger",
   "more_tasks_than_dims",
   "rank_deficient_sum",
-  "random_T1",
 ]
-UNRESOLVED = ["near_collinear", "duplicated", "near_duplicate_pair_spanning"]
+UNRESOLVED = ["near_collinear", "duplicated"]
+# The no-conflict guarantee, for the three methods that give it, on T up to 32 and on a
+# near-duplicate pair in a spanning set, where float32 drops the pair's dependency.
+GUARANTEE_CASES = (
+  RESOLVED
+  + UNRESOLVED
+  + [
+    "near_collinear_1e-4",
+    "near_duplicate_pair_spanning",
+    "conflicting_T32",
+    "opposite_unequal_T2",
+    "random_T1",
+  ]
+)
 # Methods whose float32 solve reaches the float64 one's answer to 1e-4 on every resolved case
 # (docs/precision.md: CAGrad's and ConicGrad's objective-based solves, and Nash-MTL's ridge, do not).
 ACCURATE = ["gradops", "gradops_alpha-2", "mgda", "upgrad", "pcgrad", "gradvac", "imtl_g", "aligned_mtl", "mean"]
@@ -174,7 +185,7 @@ def test_float32_mode_is_finite_and_close_to_float64_mode(name, case):
   assert error <= 1e-4 * np.linalg.norm(wide) + rounding, (error, np.linalg.norm(wide))
 
 
-@pytest.mark.parametrize("case", RESOLVED + UNRESOLVED + ["near_collinear_1e-4"])
+@pytest.mark.parametrize("case", GUARANTEE_CASES)
 @pytest.mark.parametrize("name", ["gradops", "gradops_alpha-2", "upgrad"])
 def test_float32_mode_keeps_the_no_conflict_guarantee(name, case):
   matrix = CASES[case]
