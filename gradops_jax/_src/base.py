@@ -5,9 +5,10 @@ Every method of this package is a *weighting*: a function from the
 hyperparameters) to :math:`T` weights :math:`\beta`. :func:`gram_aggregator`
 wraps it into an :class:`optax.GradientTransformation` that validates the
 stacked per-task gradients at trace time, reduces them to the Gram matrix
-(exact float64 accumulation, :mod:`gradops_jax._src.passes`), calls the
-solve, and returns the parameter-shaped update :math:`\sum_k \beta_k g_k`,
-exactly zero where it would be rounding noise
+(exact float64 accumulation, or compensated float32 sums in the float32
+mode: :mod:`gradops_jax._src.passes`, :mod:`gradops_jax._src.precision`),
+calls the solve, and returns the parameter-shaped update
+:math:`\sum_k \beta_k g_k`, exactly zero where it would be rounding noise
 (:func:`gradops_jax._src.tolerances.without_rounding_noise`).
 """
 
@@ -160,8 +161,9 @@ def stateless_aggregator(
 
   Args:
     num_tasks: T.
-    weighting: maps the float64 Gram matrix (and the least precise gradient
-      dtype) to the ``(T,)`` weights of the update and a solver info.
+    weighting: maps the Gram matrix (float64, or float32 in the float32
+      mode) and the least precise gradient dtype to the ``(T,)`` weights of
+      the update and a solver info.
     hyperparameters: ``{name: (value, validation.Range)}``, checked at once.
     precision: as for :func:`gram_aggregator`.
 

@@ -1,21 +1,24 @@
 r"""Every threshold of the package, and the one rule for the dtype it uses.
 
-Dtype policy. The task-space solves run on the float64 Gram matrix, but the
-gradients it came from carry the rounding of *their* dtype. So:
+Dtype policy. The task-space solves run on the Gram matrix (float64, or
+float32 in the float32 precision mode), but the gradients it came from carry
+the rounding of *their* dtype. So:
 
 * a decision about the **inputs** (is a direction in the span of the others,
   is a residual rounding, is a modified gradient cancelled) uses the machine
   epsilon of the least precise gradient dtype (:func:`input_rank_rtol`), at
-  least :math:`\sqrt{\epsilon_{64}}`, the shortest relative residual a float64
-  Gram matrix resolves;
+  least the shortest relative residual the Gram matrix resolves
+  (:math:`\sqrt{\epsilon_{64}}` in float64, :math:`\sqrt{10 T \epsilon_{32}}`
+  in float32);
 * a decision about a quantity computed **exactly on the Gram matrix** (the
-  norm of a combination :math:`\|g_w\|^2 = w^\top K w`) uses float64 alone
-  (:func:`gram_rank_rtol`);
-* a test inside a solver compares against the rounding of its own float64
-  arithmetic (:func:`rounding_bound`, :func:`eigen_resolution`);
-* whether an update is rounding noise compares its exact norm with the
-  combine's error bound in the combine's accumulation dtype
-  (:func:`without_rounding_noise`).
+  norm of a combination :math:`\|g_w\|^2 = w^\top K w`) uses the Gram
+  matrix's dtype alone (:func:`gram_rank_rtol`);
+* a test inside a solver compares against the rounding of its own
+  arithmetic, in the Gram matrix's dtype (:func:`rounding_bound`,
+  :func:`eigen_resolution`);
+* whether an update is rounding noise compares its norm with the combine's
+  error bound in the combine's accumulation dtype, and with what the Gram
+  matrix resolves of it (:func:`without_rounding_noise`).
 """
 
 from typing import Any
@@ -98,14 +101,16 @@ def without_rounding_noise(gram: jax.Array, weights: jax.Array, input_dtype: Any
   The combine adds T float32 terms (float64 for float64 gradients), so its
   result is off by up to :math:`\gamma \sum_k |\beta_k|\,\|g_k\|` in norm,
   :math:`\gamma = (T + 2)\,\epsilon`. When the exact combination's norm,
-  :math:`\sqrt{\beta^\top K \beta}` from the float64 Gram matrix, is within
-  that bound, the computed update would be noise in a random direction
+  :math:`\sqrt{\beta^\top K \beta}` from the Gram matrix, is within
+  that bound, or within what the Gram matrix resolves of it
+  (:math:`2 (T + 2)\,\epsilon_K` of the squared size, the larger bound in the
+  float32 mode), the computed update would be noise in a random direction
   (Pareto-stationary tasks, such as two exactly opposite ones, whose
   weights cancel them): the weights are then zero, and so is the update.
 
   Args:
-    gram: the ``(T, T)`` float64 Gram matrix.
-    weights: the ``(T,)`` float64 combination weights.
+    gram: the ``(T, T)`` Gram matrix (float64, or float32 in the float32 mode).
+    weights: the ``(T,)`` combination weights, in the Gram matrix's dtype.
     input_dtype: the least precise gradient dtype.
 
   Returns:
