@@ -12,7 +12,7 @@ numerics and their sharding are described in ``docs/design.md``.
 """
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -148,21 +148,29 @@ def _scanned_gram(rows: jax.Array) -> jax.Array:
   make XLA gather the leaf, hence :func:`_contracted_gram` for
   sharded leaves.
   """
-  num_tasks, size = rows.shape
-  block = _block_size(num_tasks)
-  num_blocks = size // block
+  zeros = manual_axes.varying_like(jnp.zeros((rows.shape[0], rows.shape[0]), GRAM_DTYPE), rows)
+  return _reduce_in_blocks(rows, _contracted_gram, jnp.add, zeros)
+
+
+def _reduce_in_blocks(rows: jax.Array, block_gram: Callable, add: Callable, total: Any) -> Any:
+  """``total`` with ``block_gram`` of every block of :func:`_block_size` columns of ``rows`` added by ``add``.
+
+  The blocks are read in a :func:`jax.lax.scan` (one call when there are fewer
+  than two), then the columns left over; the float64 and the float32 Gram
+  passes differ only in ``block_gram`` and ``add``.
+  """
+  block = _block_size(rows.shape[0])
+  num_blocks = rows.shape[1] // block
   if num_blocks < 2:
-    return _contracted_gram(rows)
+    return add(total, block_gram(rows))
 
-  def accumulate(gram, index):
-    chunk = jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1)
-    return gram + _contracted_gram(chunk), None
+  def accumulate(total, index):
+    return add(total, block_gram(jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1))), None
 
-  zeros = manual_axes.varying_like(jnp.zeros((num_tasks, num_tasks), GRAM_DTYPE), rows)
-  gram, _ = jax.lax.scan(accumulate, zeros, jnp.arange(num_blocks))
-  if size > num_blocks * block:
-    gram = gram + _contracted_gram(rows[:, num_blocks * block :])
-  return gram
+  total, _ = jax.lax.scan(accumulate, total, jnp.arange(num_blocks))
+  if rows.shape[1] > num_blocks * block:
+    total = add(total, block_gram(rows[:, num_blocks * block :]))
+  return total
 
 
 def _may_be_sharded(leaf: jax.Array) -> bool:
@@ -209,8 +217,7 @@ def leaf_gram(leaf: jax.Array, implementation: str = "auto") -> jax.Array:
      [11. 25.]]
   """
   _check_implementation(implementation, GRAM_IMPLEMENTATIONS)
-  if isinstance(leaf, JacobianRows):
-    leaf = leaf.rows
+  leaf = _rows_of(leaf)
   if implementation == "auto":
     implementation = "partitionable" if _may_be_sharded(leaf) else "kernel"
   if implementation == "partitionable":
@@ -309,19 +316,7 @@ def _scaled_leaf_gram_float32(leaf: jax.Array, scales: jax.Array, implementation
     implementation = "partitionable" if _may_be_sharded(leaf) else "scan"
   if implementation == "partitionable":
     return block_gram(rows), zeros
-  rows = jnp.reshape(rows, (num_tasks, -1))
-  block = _block_size(num_tasks)
-  num_blocks = rows.shape[1] // block
-  if num_blocks < 2:
-    return block_gram(rows), zeros
-
-  def accumulate(pair, index):
-    return _add_compensated(pair, block_gram(jax.lax.dynamic_slice_in_dim(rows, index * block, block, axis=1))), None
-
-  pair, _ = jax.lax.scan(accumulate, (zeros, zeros), jnp.arange(num_blocks))
-  if rows.shape[1] > num_blocks * block:
-    pair = _add_compensated(pair, block_gram(rows[:, num_blocks * block :]))
-  return pair
+  return _reduce_in_blocks(jnp.reshape(rows, (num_tasks, -1)), block_gram, _add_compensated, (zeros, zeros))
 
 
 def task_gram_float32(task_grads: Any, num_tasks: int, implementation: str = "auto") -> jax.Array:
